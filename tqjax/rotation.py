@@ -1,0 +1,118 @@
+"""Random rotations Π: Haar-orthogonal matrices and randomized Hadamard transforms.
+
+A `Rotation` is a small pytree made once from (kind, dim, seed). Its constants are drawn with
+NumPy on the host in float64, so the same seed gives bit-identical rotations on every host and
+backend. Vectors are rows: `rotate(rot, x)` computes Π·x for every x along the last axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROTATION_KINDS = ("haar", "hadamard")
+# A rotation is paid once per vector; full fp32 keeps it far below quantization error (no tf32).
+_HIGHEST = jax.lax.Precision.HIGHEST
+_STREAM = 0  # random stream of the rotation; QJL draws from stream 1 of the same seed
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=("matrix", "signs"), meta_fields=("kind", "dim")
+)
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+  """A fixed random orthogonal transform Π of R^dim.
+
+  kind == "haar":     matrix [dim, dim] float32 (Π itself), signs None.
+  kind == "hadamard": signs [dim] float32 (±1), matrix None; Π = H·diag(signs)/√dim.
+  """
+
+  kind: str
+  dim: int
+  matrix: jax.Array | None
+  signs: jax.Array | None
+
+
+def haar_matrix(dim: int, seed: tuple[int, ...]) -> np.ndarray:
+  """Haar-distributed orthogonal matrix [dim, dim] (float64): QR of a Gaussian with sign fix.
+
+  seed: a tuple of ints; every constant of a quantizer uses its own tuple, so they are independent.
+  """
+  g = np.random.default_rng(seed).standard_normal((dim, dim))
+  q, r = np.linalg.qr(g)
+  # Without the sign fix QR's output is not Haar-distributed (Mezzadri 2007).
+  return q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+
+
+@functools.lru_cache(maxsize=64)
+def _haar_cached(dim: int, seed: tuple[int, ...]) -> np.ndarray:
+  return haar_matrix(dim, seed).astype(np.float32)
+
+
+def make_rotation(dim: int, seed: int = 0, kind: str = "haar") -> Rotation:
+  """Builds the rotation of `kind` for R^dim, deterministic in `seed`."""
+  if not isinstance(dim, int) or dim < 2:
+    raise ValueError(f"rotation needs an integer dim >= 2, got {dim=}")
+  if kind == "haar":
+    return Rotation(kind, dim, jnp.asarray(_haar_cached(dim, (_STREAM, seed))), None)
+  if kind == "hadamard":
+    if not _is_power_of_two(dim):
+      raise ValueError(f"kind='hadamard' needs a power-of-2 dim, got {dim=}; use kind='haar'")
+    signs = np.random.default_rng((_STREAM, seed)).choice(np.array([-1.0, 1.0], np.float32), size=dim)
+    return Rotation(kind, dim, None, jnp.asarray(signs))
+  raise ValueError(f"rotation {kind=} must be one of {ROTATION_KINDS}")
+
+
+def hadamard_transform(x: jax.Array) -> jax.Array:
+  """Orthonormal fast Walsh–Hadamard transform over the last axis, O(d log d).
+
+  x: [..., d] with d a power of 2. Returns H·x/√d, which is its own inverse.
+  """
+  d = x.shape[-1]
+  if not _is_power_of_two(d):
+    raise ValueError(f"hadamard_transform needs a power-of-2 last dim, got {d=}")
+  lead = x.shape[:-1]
+  h = 1
+  y = x
+  while h < d:
+    y = y.reshape(*lead, d // (2 * h), 2, h)
+    a, b = y[..., 0, :], y[..., 1, :]
+    y = jnp.stack([a + b, a - b], axis=-2)
+    h *= 2
+  return y.reshape(*lead, d) * jnp.asarray(1.0 / np.sqrt(d), x.dtype)
+
+
+def _check_last_dim(rot: Rotation, x: jax.Array, name: str) -> None:
+  if x.shape[-1:] != (rot.dim,):
+    raise ValueError(f"{name} last dim must equal the rotation dim {rot.dim}, got {x.shape=}")
+
+
+def rotate(rot: Rotation, x: jax.Array) -> jax.Array:
+  """Π·x along the last axis. x: [..., dim] float; returns [..., dim] in x's dtype."""
+  _check_last_dim(rot, x, "rotate: x")
+  if rot.kind == "haar":
+    return jnp.einsum("...j,ij->...i", x, rot.matrix.astype(x.dtype), precision=_HIGHEST)
+  return hadamard_transform(x * rot.signs.astype(x.dtype))
+
+
+def unrotate(rot: Rotation, y: jax.Array) -> jax.Array:
+  """Πᵀ·y (the inverse of `rotate`). y: [..., dim] float; returns [..., dim] in y's dtype."""
+  _check_last_dim(rot, y, "unrotate: y")
+  if rot.kind == "haar":
+    return jnp.einsum("...i,ij->...j", y, rot.matrix.astype(y.dtype), precision=_HIGHEST)
+  return hadamard_transform(y) * rot.signs.astype(y.dtype)
+
+
+def dense_matrix(rot: Rotation) -> jax.Array:
+  """Π as a dense [dim, dim] float32 matrix (for tests and for kernels that want a matmul)."""
+  if rot.kind == "haar":
+    return rot.matrix
+  return rotate(rot, jnp.eye(rot.dim, dtype=jnp.float32)).T
