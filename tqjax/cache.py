@@ -571,10 +571,13 @@ def _check_query(cache: KVCache, q: jax.Array, op: str) -> None:
     raise ValueError(f"{op}: q_heads={q.shape[1]} must be a multiple of the cache's kv_heads={kh}")
 
 
-def _ranges(cache: KVCache, t: int, sliding_window: int | None):
-  """Per query token: attended slots [lo, hi) for T queries that are the last T cached tokens."""
-  hi = cache.lengths[:, None] - t + 1 + jnp.arange(t, dtype=jnp.int32)[None, :]  # causal, [B, T]
-  hi = jnp.clip(hi, 0, cache.capacity)
+def _ranges(cache: KVCache, t: int, sliding_window: int | None, causal: bool = True):
+  """Per query token: attended slots [lo, hi) [B, T] for T queries, the last T cached tokens.
+
+  Causal: query t sees slots < lengths − T + t + 1; otherwise every query sees slots < lengths.
+  """
+  offsets = jnp.arange(t, dtype=jnp.int32)[None, :] - t + 1 if causal else jnp.zeros((1, t), jnp.int32)
+  hi = jnp.clip(cache.lengths[:, None] + offsets, 0, cache.capacity)
   lo = jnp.zeros_like(hi) if sliding_window is None else jnp.maximum(hi - sliding_window, 0)
   return lo, hi
 
@@ -586,6 +589,7 @@ def chunked_attention(
     scale: float | None = None,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    causal: bool = True,
     block_size: int = 1024,
     return_residuals: bool = False,
     partial_fn=None,
@@ -593,7 +597,8 @@ def chunked_attention(
   """Causal attention of a block of T queries q [B, Hq, T, D] whose tokens were just appended.
 
   Query t sits at position lengths − T + t and attends to positions ≤ its own (and, with a
-  sliding window, to the last `sliding_window` of those). Hq must be a multiple of the cache's
+  sliding window, to the last `sliding_window` of those). causal=False lets every query see
+  all `lengths` tokens (bidirectional encoders). Hq must be a multiple of the cache's
   kv heads (GQA/MQA). Returns [B, Hq, T, D] in q's dtype (and, with return_residuals, the
   softmax max and sum [B, Hq, T] for merging with other partials). partial_fn replaces
   `compressed_partial_reference` (same contract), which is how fused kernels plug in.
@@ -605,7 +610,7 @@ def chunked_attention(
   kh = cache.num_kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, t, d)
-  lo, hi = _ranges(cache, t, sliding_window)
+  lo, hi = _ranges(cache, t, sliding_window, causal)
   pq = _prepare_query(cache, qg, scale)
   c_hi = hi if not cache.config.window else jnp.minimum(hi, jnp.maximum(cache.lengths[:, None] - cache.config.window, 0))
   if partial_fn is None:
