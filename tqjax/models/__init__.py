@@ -1,0 +1,1 @@
+"""Small Flax NNX model ports used to test tqjax on real activations (import submodules explicitly)."""
