@@ -57,7 +57,7 @@ def _first_moment_primitive(x: np.ndarray, a: float) -> np.ndarray:
   return -np.where(one_minus > 0, np.exp(log_term), 0.0) / (2.0 * a)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None, typed=True)  # typed: 2.0 must not hit the cache of 2 and skip validation
 def lloyd_max(bits: int, dim: int, tol: float = 1e-12, max_iter: int = 20000):
   """Lloyd–Max centroids and boundaries (float64 NumPy) for the sphere-coordinate density.
 
