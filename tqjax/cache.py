@@ -228,10 +228,12 @@ def _check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
 
 def _scatter_tokens(dst: jax.Array, src: jax.Array, pos: jax.Array, ok: jax.Array) -> jax.Array:
   """dst [B, K, S, ...] ← src [B, K, T, ...] at slots pos [B, T] where ok [B, T]; others dropped."""
-  slots = jnp.where(ok, pos, dst.shape[2])  # out of range → dropped by mode="drop"
-  b = jnp.arange(dst.shape[0])[:, None]
-  moved = jnp.moveaxis(src, 2, 1)  # [B, T, K, ...] to match the (b, slot) index pair
-  return jnp.moveaxis(jnp.moveaxis(dst, 2, 1).at[b, slots].set(moved, mode="drop"), 1, 2)
+  slots = jnp.where(ok, pos, dst.shape[2])[:, None, :]  # out of range → dropped by mode="drop"
+  b = jnp.arange(dst.shape[0])[:, None, None]
+  h = jnp.arange(dst.shape[1])[None, :, None]
+  # Index arrays broadcast to [B, K, T], matching src's leading dims: an in-place scatter of
+  # T tokens, with no transpose of the whole cache.
+  return dst.at[b, h, slots].set(src, mode="drop")
 
 
 def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:

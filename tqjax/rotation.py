@@ -59,7 +59,7 @@ def _haar_cached(dim: int, seed: tuple[int, ...]) -> np.ndarray:
 
 def make_rotation(dim: int, seed: int = 0, kind: str = "haar") -> Rotation:
   """Builds the rotation of `kind` for R^dim, deterministic in `seed`."""
-  if not isinstance(dim, int) or dim < 2:
+  if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
     raise ValueError(f"rotation needs an integer dim >= 2, got {dim=}")
   if kind == "haar":
     return Rotation(kind, dim, jnp.asarray(_haar_cached(dim, (_STREAM, seed))), None)
