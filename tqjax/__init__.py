@@ -22,5 +22,6 @@ from tqjax.quantizer import (
     quantizer_from_config,
 )
 from tqjax.rotation import Rotation, hadamard_transform, make_rotation, rotate, unrotate
+from tqjax.compat import TurboQuant, TurboQuantConfig, TurboQuantKVCache  # seed-style wrappers
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import special
 
 from tqjax import packing
-from tqjax.rotation import haar_matrix
+from tqjax.rotation import constants_rng, haar_matrix
 
 QJL_KINDS = ("orthogonal", "gaussian")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -56,8 +56,8 @@ def _kappa(kind: str, dim: int) -> float:
 @functools.lru_cache(maxsize=64)
 def _sketch_matrix(kind: str, dim: int, m: int, seed: int) -> np.ndarray:
   if kind == "gaussian":
-    return np.random.default_rng((_STREAM, seed)).standard_normal((m, dim)).astype(np.float32)
-  blocks = [haar_matrix(dim, (_STREAM, seed, i))[: min(dim, m - i * dim)] for i in range(-(-m // dim))]
+    return constants_rng(seed, _STREAM).standard_normal((m, dim)).astype(np.float32)
+  blocks = [haar_matrix(dim, constants_rng(seed, _STREAM, i))[: min(dim, m - i * dim)] for i in range(-(-m // dim))]
   return (np.concatenate(blocks, axis=0) * math.sqrt(dim)).astype(np.float32)
 
 

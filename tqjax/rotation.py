@@ -18,6 +18,15 @@ ROTATION_KINDS = ("haar", "hadamard")
 # A rotation is paid once per vector; full fp32 keeps it far below quantization error (no tf32).
 _HIGHEST = jax.lax.Precision.HIGHEST
 _STREAM = 0  # random stream of the rotation; QJL draws from stream 1 of the same seed
+# Last word of every seed: NumPy's SeedSequence drops trailing zero words, so without it the
+# seed-0 rotation would draw exactly the numbers of np.random.default_rng(0), which users'
+# data may come from too (a 21x error blow-up was seen on such data).
+_TAG = 0x54514A58  # "TQJX"
+
+
+def constants_rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
+  """The NumPy generator of one quantizer constant: (seed, stream, *extra) never collide."""
+  return np.random.default_rng((int(seed), *extra, stream, _TAG))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -41,20 +50,17 @@ class Rotation:
   signs: jax.Array | None
 
 
-def haar_matrix(dim: int, seed: tuple[int, ...]) -> np.ndarray:
-  """Haar-distributed orthogonal matrix [dim, dim] (float64): QR of a Gaussian with sign fix.
-
-  seed: a tuple of ints; every constant of a quantizer uses its own tuple, so they are independent.
-  """
-  g = np.random.default_rng(seed).standard_normal((dim, dim))
+def haar_matrix(dim: int, rng: np.random.Generator) -> np.ndarray:
+  """Haar-distributed orthogonal matrix [dim, dim] (float64): QR of a Gaussian with sign fix."""
+  g = rng.standard_normal((dim, dim))
   q, r = np.linalg.qr(g)
   # Without the sign fix QR's output is not Haar-distributed (Mezzadri 2007).
   return q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
 
 
 @functools.lru_cache(maxsize=64)
-def _haar_cached(dim: int, seed: tuple[int, ...]) -> np.ndarray:
-  return haar_matrix(dim, seed).astype(np.float32)
+def _haar_cached(dim: int, seed: int) -> np.ndarray:
+  return haar_matrix(dim, constants_rng(seed, _STREAM)).astype(np.float32)
 
 
 def make_rotation(dim: int, seed: int = 0, kind: str = "haar") -> Rotation:
@@ -62,11 +68,11 @@ def make_rotation(dim: int, seed: int = 0, kind: str = "haar") -> Rotation:
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
     raise ValueError(f"rotation needs an integer dim >= 2, got {dim=}")
   if kind == "haar":
-    return Rotation(kind, dim, jnp.asarray(_haar_cached(dim, (_STREAM, seed))), None)
+    return Rotation(kind, dim, jnp.asarray(_haar_cached(dim, seed)), None)
   if kind == "hadamard":
     if not _is_power_of_two(dim):
       raise ValueError(f"kind='hadamard' needs a power-of-2 dim, got {dim=}; use kind='haar'")
-    signs = np.random.default_rng((_STREAM, seed)).choice(np.array([-1.0, 1.0], np.float32), size=dim)
+    signs = constants_rng(seed, _STREAM).choice(np.array([-1.0, 1.0], np.float32), size=dim)
     return Rotation(kind, dim, None, jnp.asarray(signs))
   raise ValueError(f"rotation {kind=} must be one of {ROTATION_KINDS}")
 
