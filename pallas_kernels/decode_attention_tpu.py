@@ -201,12 +201,26 @@ def _from_column_major(x: jax.Array, cols: int, n: int) -> jax.Array:
   return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], packing.WORD_BITS * cols)[..., :n]
 
 
+def supported(cache: KVCache) -> tuple[bool, str]:
+  """(True, "") if the kernel handles this cache's configuration, else (False, reason)."""
+  outlier_channels = cache.config.outlier_channels
+  if outlier_channels or cache.k.outlier is not None or cache.v.outlier is not None:
+    return False, f"{outlier_channels=} is not supported by the TPU decode kernel (needs 0)"
+  for part, tq in (("key", cache.k.quantizer), ("value", cache.v.quantizer)):
+    bits = tq.codebook.bits if tq.codebook is not None else 0
+    if bits > MAX_CODEBOOK_BITS:
+      return False, f"{part} codebook bits={bits} > {MAX_CODEBOOK_BITS} are not supported (8-bit parts)"
+  if cache.v.quantizer.codebook is None:
+    return False, "values need a codebook (mse values of >= 1 bit)"
+  return True, ""
+
+
 def _check_supported(cache: KVCache, pq: PreparedQuery, lo, hi, block_s: int) -> None:
   if not isinstance(cache, KVCache):
     raise TypeError(f"expected a tqjax KVCache, got {type(cache).__name__}")
-  outlier_channels = cache.config.outlier_channels
-  if outlier_channels or cache.k.outlier is not None or cache.v.outlier is not None:
-    raise ValueError(f"{outlier_channels=} is not supported by the TPU decode kernel (needs 0)")
+  ok, why = supported(cache)
+  if not ok:
+    raise ValueError(why)
   t = pq.offset.shape[-1]
   if t != 1:
     raise ValueError(f"the TPU decode kernel takes one query token per sequence, got {t=}")
@@ -215,12 +229,6 @@ def _check_supported(cache: KVCache, pq: PreparedQuery, lo, hi, block_s: int) ->
     raise ValueError(f"lo and hi must be [batch={b}, 1], got {lo.shape=} {hi.shape=}")
   if isinstance(block_s, bool) or not isinstance(block_s, int) or block_s < 1 or block_s % _LANES:
     raise ValueError(f"{block_s=} must be a positive multiple of {_LANES} (the sequence is on lanes)")
-  for part, tq in (("key", cache.k.quantizer), ("value", cache.v.quantizer)):
-    bits = tq.codebook.bits if tq.codebook is not None else 0
-    if bits > MAX_CODEBOOK_BITS:
-      raise ValueError(f"{part} codebook bits={bits} > {MAX_CODEBOOK_BITS} are not supported (8-bit parts)")
-  if cache.v.quantizer.codebook is None:
-    raise ValueError("values need a codebook (mse values of >= 1 bit)")
 
 
 @functools.partial(jax.jit, static_argnames=("soft_cap", "block_s", "interpret"))

@@ -18,15 +18,6 @@ def _backend() -> str:
   return jax.default_backend()
 
 
-def _tpu_kernel():
-  """The TPU kernel module, or None while it does not exist / does not import."""
-  try:
-    from pallas_kernels import decode_attention_tpu  # noqa: PLC0415
-  except Exception:  # noqa: BLE001 — absent or broken: fall back to XLA
-    return None
-  return decode_attention_tpu
-
-
 def supports(cache, backend: str | None = None) -> tuple[bool, str]:
   """(True, "") if a fused kernel handles `cache` on `backend` (default: JAX's), else (False, why)."""
   backend = backend or _backend()
@@ -37,10 +28,9 @@ def supports(cache, backend: str | None = None) -> tuple[bool, str]:
 
     return decode_attention_gpu.supported(cache)
   if backend == "tpu":
-    mod = _tpu_kernel()
-    if mod is None or not hasattr(mod, "supported"):
-      return False, "no TPU decode kernel is available (pallas_kernels.decode_attention_tpu)"
-    return mod.supported(cache)
+    from pallas_kernels import decode_attention_tpu  # noqa: PLC0415
+
+    return decode_attention_tpu.supported(cache)
   return False, f"no fused kernel for backend {backend!r} (CPU runs the XLA path)"
 
 
@@ -51,8 +41,9 @@ def default_implementation(cache) -> str:
 
 def _partial_fn(backend: str, interpret: bool, **kernel_options):
   if backend == "tpu" and not interpret:
-    mod = _tpu_kernel()
-    return functools.partial(mod.decode_partial, **kernel_options)
+    from pallas_kernels import decode_attention_tpu  # noqa: PLC0415
+
+    return functools.partial(decode_attention_tpu.decode_partial_tpu, **kernel_options)
   from pallas_kernels import decode_attention_gpu  # noqa: PLC0415
 
   return functools.partial(decode_attention_gpu.decode_partial, interpret=interpret, **kernel_options)

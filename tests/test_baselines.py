@@ -1,27 +1,17 @@
 """Tests for experiments/baselines.py and experiments/synthetic.py."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import baselines as B  # noqa: E402
-from experiments.synthetic import decoder_like_kv  # noqa: E402
-from tqjax import packing  # noqa: E402
-from tqjax.rotation import hadamard_transform  # noqa: E402
+from experiments import baselines as B
+from experiments.synthetic import decoder_like_kv
+from tqjax import packing
+from tqjax.rotation import hadamard_transform
 
 pytestmark = pytest.mark.math
 
-
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
 
 
 def _kivi_k(bits):

@@ -225,3 +225,24 @@ def _check_lowering(cfg, g, soft_cap):
   f = functools.partial(decode_partial_tpu, soft_cap=soft_cap, block_s=512)
   lowered = jax.jit(f).trace(cache, pq, lo, hi).lower(lowering_platforms=("tpu",))
   assert "tpu_custom_call" in lowered.as_text()
+
+
+@pytest.mark.interpret
+def test_dispatch_routes_tpu_to_this_kernel():
+  """On a TPU backend, dispatch picks this kernel for supported configs and says why not otherwise;
+  its partial_fn (run here in interpret mode) gives the oracle's attention."""
+  from pallas_kernels import dispatch
+
+  b, kh, g, d = 2, 2, 2, 64
+  cache = C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), b, kh, 256)
+  assert dispatch.supports(cache, "tpu") == (True, "")
+  ok, why = dispatch.supports(C.init_cache(C.CacheConfig(head_dim=d, outlier_channels=8), b, kh, 256), "tpu")
+  assert not ok and "outlier_channels" in why
+  fn = dispatch._partial_fn("tpu", False, block_s=128)
+  assert fn.func is decode_partial_tpu
+  k, v = (jax.random.normal(jax.random.key(i), (b, kh, 200, d)) for i in (1, 2))
+  cache = C.prefill(cache, k, v, lengths=jnp.array([200, 57]))
+  q = jax.random.normal(jax.random.key(3), (b, kh * g, 1, d))
+  got = C.chunked_attention(cache, q, partial_fn=functools.partial(fn, interpret=True))
+  want = C.chunked_attention(cache, q)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

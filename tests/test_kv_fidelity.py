@@ -4,27 +4,17 @@ Slice: both segments, layers 0–1 (layer 0 holds the high-norm head 2), heads 0
 tokens: 16 (sequence, head) units, attended bidirectionally.
 """
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import kv_fidelity as E  # noqa: E402
-from tqjax import cache as tqc  # noqa: E402
-from tqjax.quantizer import decode  # noqa: E402
+from experiments import kv_fidelity as E
+from tqjax import cache as tqc
+from tqjax.quantizer import decode
 
 pytestmark = pytest.mark.math
 
-
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"):
-    yield
 
 
 @pytest.fixture(scope="module")
