@@ -237,10 +237,14 @@ def _scatter_tokens(dst: jax.Array, src: jax.Array, pos: jax.Array, ok: jax.Arra
 
 
 def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
-  """x [B, K, T, D] → (main channels [..., D − n_out], outlier channels [..., n_out] or None)."""
+  """x [B, K, ..., D] → (main channels [..., D − n_out], outlier channels [..., n_out] or None).
+
+  perm [B, K, D] is the store's channel permutation (outliers first).
+  """
   if perm is None:
     return x, None
-  xp = jnp.take_along_axis(x, perm[:, :, None, :], axis=-1)
+  p = perm.reshape(*perm.shape[:2], *(1,) * (x.ndim - 3), perm.shape[-1])
+  xp = jnp.take_along_axis(x, jnp.broadcast_to(p, x.shape), axis=-1)
   return xp[..., n_out:], xp[..., :n_out]
 
 
@@ -437,8 +441,7 @@ def _prepare_query(cache: KVCache, q: jax.Array, scale: float) -> PreparedQuery:
   if cache.key_mean is not None:  # q·(k − μ) + q·μ: one dot per query keeps logits exact
     offset = jnp.einsum("bkgtd,bkd->bkgt", qs, cache.key_mean, precision=_HIGHEST)
   store = cache.k
-  perm = None if store.perm is None else store.perm[:, :, None, None, :]
-  parts = _split_channels_q(qs, perm, cache.config.outlier_channels)
+  parts = _split_channels(qs, store.perm, cache.config.outlier_channels)
   rot, sq = [], []
   for tq, part in zip((store.quantizer, store.outlier_quantizer), parts):
     if part is None:
@@ -447,13 +450,6 @@ def _prepare_query(cache: KVCache, q: jax.Array, scale: float) -> PreparedQuery:
     rot.append(qr)
     sq.append(project(tq.qjl, qr) if tq.qjl is not None else None)
   return PreparedQuery(tuple(rot), tuple(sq), offset)
-
-
-def _split_channels_q(x, perm, n_out):
-  if perm is None:
-    return x, None
-  xp = jnp.take_along_axis(x, jnp.broadcast_to(perm, (*x.shape[:-1], x.shape[-1])), axis=-1)
-  return xp[..., n_out:], xp[..., :n_out]
 
 
 def _code_slice(code: Code, start, size: int) -> Code:
@@ -666,7 +662,9 @@ def attention(
 
 def scores(cache: KVCache, q: jax.Array, *, scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
   """Raw (scaled, capped) logits of q [B, Hq, D] against every slot → [B, Hq, S]; −inf past lengths."""
-  _check_query(cache, q[:, :, None, :] if q.ndim == 3 else q, "scores")
+  if q.ndim != 3:
+    raise ValueError(f"scores: q must be [batch, q_heads, head_dim], got q.shape={q.shape}")
+  _check_query(cache, q[:, :, None, :], "scores")
   b, hq, d = q.shape
   kh = cache.num_kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else scale
