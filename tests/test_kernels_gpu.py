@@ -51,8 +51,8 @@ def _partials(cache, q, soft_cap, sliding_window, **kernel_options):
   b, hq, d = q.shape
   kh = cache.num_kv_heads
   qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, 1, d)
-  pq = C._prepare_query(cache, qg, 1.0 / math.sqrt(d))
-  lo, hi = C._ranges(cache, 1, sliding_window)
+  pq = C.prepare_query(cache, qg, 1.0 / math.sqrt(d))
+  lo, hi = C.query_ranges(cache, 1, sliding_window)
   got = K.decode_partial(cache, pq, lo, hi, soft_cap, poison=True, **kernel_options)
   want = K.decode_partial_reference(cache, pq, lo, hi, soft_cap)
   return got, want

@@ -226,7 +226,7 @@ def _check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
     raise ValueError(f"{op}: {k.shape[2]} tokens exceed the cache capacity={cache.capacity}")
 
 
-def _scatter_tokens(dst: jax.Array, src: jax.Array, pos: jax.Array, ok: jax.Array) -> jax.Array:
+def scatter_tokens(dst: jax.Array, src: jax.Array, pos: jax.Array, ok: jax.Array) -> jax.Array:
   """dst [B, K, S, ...] ← src [B, K, T, ...] at slots pos [B, T] where ok [B, T]; others dropped."""
   slots = jnp.where(ok, pos, dst.shape[2])[:, None, :]  # out of range → dropped by mode="drop"
   b = jnp.arange(dst.shape[0])[:, None, None]
@@ -250,7 +250,7 @@ def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[j
 
 def _write_store(store: Store, x: jax.Array, pos: jax.Array, ok: jax.Array, n_out: int) -> Store:
   main, out = _split_channels(x, store.perm, n_out)
-  put = lambda dst, src: _scatter_tokens(dst, src, pos, ok)
+  put = lambda dst, src: scatter_tokens(dst, src, pos, ok)
   new_main = jax.tree_util.tree_map(put, store.main, encode(store.quantizer, main))
   if out is None:
     return dataclasses.replace(store, main=new_main)
@@ -275,7 +275,7 @@ def _write(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array, count: 
   )
   if cache.config.window:
     w = cache.config.window
-    ring = lambda buf, x: _scatter_tokens(buf, x.astype(buf.dtype), pos % w, ok & (pos >= start[:, None] + count[:, None] - w))
+    ring = lambda buf, x: scatter_tokens(buf, x.astype(buf.dtype), pos % w, ok & (pos >= start[:, None] + count[:, None] - w))
     new = dataclasses.replace(new, window_k=ring(cache.window_k, k), window_v=ring(cache.window_v, v))
   return new
 
@@ -434,7 +434,7 @@ class PreparedQuery:
   offset: jax.Array
 
 
-def _prepare_query(cache: KVCache, q: jax.Array, scale: float) -> PreparedQuery:
+def prepare_query(cache: KVCache, q: jax.Array, scale: float) -> PreparedQuery:
   """q [B, K, G, T, D] (float32, unscaled) → rotated, scaled parts for the key stores."""
   qs = q * jnp.float32(scale)
   offset = jnp.zeros(q.shape[:-1], jnp.float32)
@@ -573,7 +573,7 @@ def _check_query(cache: KVCache, q: jax.Array, op: str) -> None:
     raise ValueError(f"{op}: q_heads={q.shape[1]} must be a multiple of the cache's kv_heads={kh}")
 
 
-def _ranges(cache: KVCache, t: int, sliding_window: int | None, causal: bool = True):
+def query_ranges(cache: KVCache, t: int, sliding_window: int | None, causal: bool = True):
   """Per query token: attended slots [lo, hi) [B, T] for T queries, the last T cached tokens.
 
   Causal: query t sees slots < lengths − T + t + 1; otherwise every query sees slots < lengths.
@@ -612,8 +612,8 @@ def chunked_attention(
   kh = cache.num_kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, t, d)
-  lo, hi = _ranges(cache, t, sliding_window, causal)
-  pq = _prepare_query(cache, qg, scale)
+  lo, hi = query_ranges(cache, t, sliding_window, causal)
+  pq = prepare_query(cache, qg, scale)
   c_hi = hi if not cache.config.window else jnp.minimum(hi, jnp.maximum(cache.lengths[:, None] - cache.config.window, 0))
   if partial_fn is None:
     accs, m, l = compressed_partial_reference(cache, pq, lo, c_hi, soft_cap, block_size)
@@ -669,7 +669,7 @@ def scores(cache: KVCache, q: jax.Array, *, scale: float | None = None, soft_cap
   kh = cache.num_kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, 1, d)
-  pq = _prepare_query(cache, qg, scale)
+  pq = prepare_query(cache, qg, scale)
   logits = pq.offset[..., None]
   for tq, code, q_rot, sq in zip(
       (cache.k.quantizer, cache.k.outlier_quantizer), (cache.k.main, cache.k.outlier), pq.q, pq.sq

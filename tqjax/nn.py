@@ -92,12 +92,10 @@ def _dense_write(cache: DenseKVCache, k, v, start, count) -> DenseKVCache:
   """Writes tokens t < count[b] of k, v [B, K, T, H] at slots start[b] + t (past capacity dropped)."""
   t = k.shape[2]
   pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  slots = jnp.where(jnp.arange(t)[None, :] < count[:, None], pos, cache.capacity)  # [B, T]
-  b = jnp.arange(cache.batch_size)[:, None]
+  ok = jnp.arange(t)[None, :] < count[:, None]  # [B, T]
 
   def put(dst, src):  # dst [B, K, S, H] ← src [B, K, T, H]
-    moved = jnp.moveaxis(src.astype(dst.dtype), 2, 1)
-    return jnp.moveaxis(jnp.moveaxis(dst, 2, 1).at[b, slots].set(moved, mode="drop"), 1, 2)
+    return tqcache.scatter_tokens(dst, src.astype(dst.dtype), pos, ok)
 
   return DenseKVCache(put(cache.k, k), put(cache.v, v), jnp.minimum(start + count, cache.capacity).astype(jnp.int32))
 
@@ -183,17 +181,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _resolve_implementation(implementation: str | None) -> str | None:
-  # None means "fastest available": tqjax.cache.attention picks it through pallas_kernels.dispatch.
-  # Until that module exists in this checkout, None falls back to the XLA reference.
-  if implementation is None:
-    try:
-      from pallas_kernels import dispatch  # noqa: F401
-    except ImportError:
-      return "xla"
-  return implementation
-
-
 def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
@@ -272,8 +259,7 @@ def _attend(spec: _Spec, cache, q, k, v, *, mode: str, lengths):
   else:
     cache = tqcache.append(cache, kt, vt)
     if t == 1 and spec.causal:
-      impl = _resolve_implementation(spec.implementation)
-      out = tqcache.attention(cache, qh[:, :, 0], implementation=impl, **opts)[:, :, None]
+      out = tqcache.attention(cache, qh[:, :, 0], implementation=spec.implementation, **opts)[:, :, None]
     else:
       out = tqcache.chunked_attention(cache, qh, causal=spec.causal, **opts)
   return out.transpose(0, 2, 1, 3).astype(q.dtype), cache
