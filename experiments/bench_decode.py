@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python experiments/bench_decode.py            # GPU: checks + full table
   PYTHONPATH=. python experiments/bench_decode.py --quick    # CPU smoke run (XLA paths, tiny shapes)
+  PYTHONPATH=. python experiments/bench_decode.py --plot-from results/bench_decode_X.json  # re-plot a run
 
 In one process: the card's copy bandwidth (x + 1 on a large array, read + write), XLA dense bf16
 attention, cuDNN bf16 (`jax.nn.dot_product_attention(implementation="cudnn")`), an int8-KV XLA
@@ -12,7 +13,7 @@ Timing: each sample runs one jitted call over `nbuf` distinct input sets (so L2 
 working set and dispatch overlaps execution), synchronizes, and divides by nbuf; the median of
 many samples after warm-up is reported. Bytes are what each implementation must read: codes,
 norms (+ QJL signs and residual norms) and lengths for ours; K/V (+ scales) for the baselines.
-Writes experiments/results/bench_decode_<device>_<date>.{md,json}.
+Writes experiments/results/bench_decode_<device>_<date>.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -189,6 +190,47 @@ def check_kernel(log) -> list[dict]:
   return out
 
 
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(results: dict, path: Path) -> None:
+  """Per shape: effective TB/s per implementation (grouped bars, the copy bandwidth as a line) and
+  speedup vs cuDNN bf16 (vs XLA bf16 where a run has no cuDNN row, e.g. --quick on CPU)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = results["rows"]
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  by = {(r["shape"], r["impl"]): r for r in rows}
+  base = "cudnn bf16" if any(r["impl"] == "cudnn bf16" for r in rows) else "xla bf16"
+  x = np.arange(len(shapes))
+  w = 0.85 / len(impls)
+  fig, (ax_t, ax_s) = plt.subplots(2, 1, figsize=(max(8, 2.4 * len(shapes)), 8), sharex=True)
+  for i, impl in enumerate(impls):
+    have = [j for j, sh in enumerate(shapes) if (sh, impl) in by]
+    xs = x[have] + (i - (len(impls) - 1) / 2) * w
+    tbs = [by[shapes[j], impl]["tbs"] for j in have]
+    sp = [by[shapes[j], base]["us"] / by[shapes[j], impl]["us"] if (shapes[j], base) in by else np.nan for j in have]
+    ax_t.bar(xs, tbs, w, color=f"C{i}", label=impl)
+    ax_s.bar(xs, sp, w, color=f"C{i}")
+  ax_t.axhline(results["copy_tbs"], color="k", ls="--", lw=1, label=f"copy bandwidth {results['copy_tbs']:.3g} TB/s")
+  ax_t.set(ylabel="effective bandwidth (TB/s, log)", yscale="log",
+           title="Effective bandwidth = bytes each implementation must read / time")
+  ax_s.axhline(1.0, color="k", lw=1)
+  ax_s.set(ylabel=f"speedup vs {base} (log)", yscale="log", title=f"Speedup vs {base} (same shape; >1 = faster)")
+  ax_s.set_xticks(x, shapes)
+  for ax in (ax_t, ax_s):
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+  ax_t.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.02))
+  fig.suptitle(f"Decode attention benchmark — {results['device']}, {results['date']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -201,7 +243,13 @@ def main():
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--only", default="", help="comma list of shape names to run")
   ap.add_argument("--both-forms", action="store_true", help="also time the other kernel form (chunked)")
+  ap.add_argument("--plot-from", metavar="JSON", help="only plot an existing results JSON to <same stem>.png")
   args = ap.parse_args()
+  if args.plot_from:
+    src = Path(args.plot_from)
+    plot(json.loads(src.read_text()), src.with_suffix(".png"))
+    print(f"wrote {src.with_suffix('.png')}")
+    return
 
   dev = jax.devices()[0]
   device = dev.device_kind
@@ -368,7 +416,8 @@ def main():
   stem = f"bench_decode_{device.replace(' ', '_').replace('/', '_')}_{date}" + ("_quick" if args.quick else "")
   (out / f"{stem}.md").write_text(text)
   (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
-  log(f"wrote {out / stem}.md/.json")
+  plot(results, out / f"{stem}.png")
+  log(f"wrote {out / stem}.md/.json/.png")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ For each cache: the full-precision float32 cache generates the reference traject
     relative logit error ‖l̂ − l‖ / ‖l‖ per step, and argmax agreement with E;
   * free-running greedy: tokens until the first divergence from E, and overall agreement.
 Resident cache bytes: `tqjax.cache.nbytes` summed over layers vs a bf16 k+v cache of the same
-capacity. Writes experiments/results/generate_gemma_style.md.
+capacity. Writes experiments/results/generate_gemma_style.{md,png} (the plot: per-step relative logit
+error, mean over prompts, and cache bytes per configuration).
 
     python -m experiments.generate_gemma_style
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -72,6 +74,39 @@ def layer0_attention_error(model, ref, prompt, tokens) -> float:
   exact_attn.kv_cache = None
   exact, got = run(nnx.clone(model.layers[0].attn), exact_attn, h)
   return float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact))
+
+
+def plot(rows: list[dict], bf16_bytes: int, title: str, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  labels = [r["name"].replace("**recommended** (CacheConfig defaults): ", "recommended: ") for r in rows]
+  colors = [f"C{i}" for i in range(len(rows))]
+  fig, (ax_e, ax_b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.6, 1]))
+  for r, lab, c in zip(rows, labels, colors):  # step 1's logits come from the full-precision prefill
+    ax_e.plot(np.arange(2, len(r["rel_steps"]) + 1), r["rel_steps"][1:], color=c, lw=1.2, label=lab)
+  ax_e.set(title="Teacher-forced relative logit error (mean over prompts)",
+           xlabel="decode step (step 1 = prefill logits, full-precision attention: omitted)",
+           ylabel="‖l̂ − l‖ / ‖l‖", yscale="log")
+  ax_e.grid(True, which="both", alpha=0.3)
+  ax_e.legend(fontsize=7, loc="center right")
+  y = np.arange(len(rows))
+  ax_b.barh(y, [r["nbytes"] / 1e6 for r in rows], color=colors)
+  for yi, r in zip(y, rows):
+    ax_b.text(r["nbytes"] / 1e6, yi, f" {r['nbytes'] / 1e6:.2f} MB ({r['ratio']:.2f}x)", va="center", fontsize=8)
+  ax_b.axvline(bf16_bytes / 1e6, color="k", ls="--", lw=1, label="bf16 k+v cache")
+  ax_b.set_yticks(y, [textwrap.fill(lab, 28) for lab in labels], fontsize=7)
+  ax_b.invert_yaxis()
+  ax_b.set_xlim(0, 1.35 * max(r["nbytes"] for r in rows) / 1e6)
+  ax_b.set(title="Resident cache bytes (4 layers)", xlabel="MB")
+  ax_b.grid(True, axis="x", alpha=0.3)
+  ax_b.legend(fontsize=8, loc="lower right")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main(argv=None) -> str:
@@ -125,7 +160,7 @@ def main(argv=None) -> str:
     rows.append(dict(name=name, bits=bits, rel_mean=float(rel.mean()), rel_p95=float(np.quantile(rel, 0.95)),
                      rel_first=float(rel[:, :32].mean()), rel_last=float(rel[:, -32:].mean()), tf_agree=tf_agree,
                      first_div=first_div.tolist(), agree=float(same.mean()), nbytes=nbytes,
-                     ratio=bf16_bytes / nbytes, attn_err=attn_err))
+                     ratio=bf16_bytes / nbytes, attn_err=attn_err, rel_steps=rel.mean(axis=0).tolist()))
     print(f"{name}: layer-0 attention rel err {attn_err:.4f}, rel err mean {rel.mean():.4f} p95 {np.quantile(rel, 0.95):.4f}, teacher-forced top-1 "
           f"{tf_agree:.1%}, first divergence {first_div.tolist()}, agreement {same.mean():.1%}, "
           f"{nbytes} B ({bf16_bytes / nbytes:.2f}x vs bf16) ({time.time() - t:.1f} s)", flush=True)
@@ -171,7 +206,10 @@ def main(argv=None) -> str:
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(table)
   print("\n" + "\n".join(lines[-(len(rows) + 2):]))
-  print(f"\nwrote {args.out} ({elapsed:.0f} s)")
+  png = args.out.with_suffix(".png")
+  plot(rows, bf16_bytes, f"Greedy generation, Gemma-style decoder (random weights) — {dev.device_kind}, "
+       f"{datetime.date.today().isoformat()}", png)
+  print(f"\nwrote {args.out} and {png} ({elapsed:.0f} s)")
   return table
 
 

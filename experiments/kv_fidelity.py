@@ -23,7 +23,7 @@ Bits: K and V bits per coordinate from the formulas (`bits_per_coordinate_kv`, b
 (key mean, channel permutations, lengths) included, amortized over the tokens. The script
 asserts that the per-token arrays reproduce the formulas exactly and `nbytes == expected_nbytes`.
 
-Run: python -m experiments.kv_fidelity   (writes experiments/results/kv_fidelity.{md,json}).
+Run: python -m experiments.kv_fidelity   (writes experiments/results/kv_fidelity.{md,json,png}).
 """
 
 from __future__ import annotations
@@ -181,16 +181,16 @@ def tqjax_configs(head_dim: int):
   rows = []
   for vname, opts in VARIANTS.items():
     for bits in (2, 3, 4):
-      o = dict(opts)
+      o = {"norm_dtype": "float32", **opts}  # float32 norms unless the variant names float16
       label = f"tqjax {vname} {bits}b"
       if o.get("outlier_channels") == -1:
         o["outlier_channels"] = head_dim // 4  # the paper's split: a quarter of channels at bits+1
         label = f"tqjax {vname} ({head_dim // 4} ch @ {bits + 1}b) {bits}b"
       rows.append((label, vname, tqc.CacheConfig(head_dim=head_dim, k_bits=bits, v_bits=bits, **o)))
   for kb, vb in ((4, 3), (3, 2)):
-    rows.append((f"tqjax mse+nc+centre K{kb}/V{vb}", "asym K/V",
+    rows.append((f"tqjax mse+nc+centre, fp16 norms K{kb}/V{vb}", "asym K/V",
                  tqc.CacheConfig(head_dim=head_dim, k_bits=kb, v_bits=vb, k_variant="mse",
-                                 norm_correction=True, center_keys=True)))
+                                 norm_correction=True, center_keys=True, norm_dtype="float16")))
   return rows
 
 
@@ -404,6 +404,7 @@ def main():
   rec = recommend(real, synth)
   runtime = time.perf_counter() - t0
   write_outputs(real, synth, rec, runtime, dev)
+  plot(real, synth, dev.device_kind, datetime.date.today().isoformat(), RESULTS / "kv_fidelity.png")
   _log(f"done in {runtime:.1f}s")
 
 
@@ -477,6 +478,64 @@ def write_outputs(real, synth, rec, runtime, dev):
   }
   (RESULTS / "kv_fidelity.json").write_text(json.dumps(payload, indent=1))
   print("\n".join(md))
+
+
+# (family, legend label, marker) per tqjax curve; "mse+nc+centre" (float32 norms) lies on the fp16
+# row's KL, and the asymmetric K/V rows share their keys (so their KL) with the K=V rows.
+PLOT_FAMILIES = (
+    ("mse", "tqjax mse", "o"),
+    ("mse+nc", "tqjax mse+nc", "s"),
+    ("mse+nc+centre, fp16 norms", "tqjax mse+nc+centre (fp16 norms)", "D"),
+    ("prod, orthogonal S (V mse+nc)", "tqjax prod, orthogonal S", "^"),
+    ("prod, Gaussian S (V mse+nc)", "tqjax prod, Gaussian S", "v"),
+    ("mse+nc+centre+outliers", "tqjax mse+nc+centre+outliers (D/4 ch)", "P"),
+)
+PLOT_BASELINES = {
+    "bf16": "bf16", "int8 per token": "int8", "int4 per token, group 32": "int4 g32",
+    "KIVI-2 (K per channel, V per token)": "KIVI-2", "KIVI-4 (K per channel, V per token)": "KIVI-4",
+    "rand. Hadamard + int4 group 32": "Hadamard+int4",
+}
+
+
+def plot(real, synth, device: str, date: str, path: Path) -> None:
+  """KL(exact‖quantized) vs stored bits per coordinate (mean of K and V), one panel per data set."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter
+
+  bits = lambda r: (r["k_bits"] + r["v_bits"]) / 2
+  kl = lambda r: (r["summary"]["all"]["kl"]["mean"], r["summary"]["all"]["kl"]["se"])
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+  titles = ("Real MiniLM-L6 q/k/v (head_dim 32)", "Synthetic decoder-like K/V (head_dim 128)")
+  for ax, rows, title in zip(axes, (real, synth), titles):
+    for family, label, marker in PLOT_FAMILIES:
+      fr = sorted((r for r in rows if r["family"] == family), key=bits)
+      ax.errorbar([bits(r) for r in fr], [kl(r)[0] for r in fr], yerr=[kl(r)[1] for r in fr], fmt=marker + "-",
+                  ms=5, capsize=2, label=label)
+    labels = []  # [x, y, text]; baselines that sit on the same point share one label
+    for r in sorted((r for r in rows if r["family"] == "baseline"), key=lambda r: (bits(r), -kl(r)[0])):
+      x, (y, _) = bits(r), kl(r)
+      ax.plot(x, y, "k*", ms=9, label="baselines" if not labels else None)
+      name = PLOT_BASELINES.get(r["name"], r["name"])
+      if labels and labels[-1][0] == x and abs(math.log(labels[-1][1] / y)) < 0.15:
+        labels[-1][2] += " / " + name
+      else:
+        labels.append([x, y, name])
+    for x, y, text in labels:
+      ax.annotate(text, (x, y), xytext=(6, 2), textcoords="offset points", fontsize=8)
+    ax.set(title=title, xscale="log", yscale="log", xlabel="stored bits per coordinate (mean of K and V)",
+           ylabel="KL(exact ‖ quantized), nats")
+    ticks = [2, 3, 4, 5, 6, 8, 10, 16]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8, loc="lower left")
+  fig.suptitle(f"KV-cache fidelity: attention KL vs bits (mean ± SE over units) — {device}, {date}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _bytes_fmt(rb):

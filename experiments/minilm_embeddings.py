@@ -12,7 +12,7 @@ modules (the same on every CPython 3.12) plus the Zen of Python.
 Reported per configuration: cosine between exact and compressed sentence embeddings (mean,
 min), and nearest-neighbour agreement of the cosine-similarity rankings among the sentences
 (top-1: the nearest other sentence is the same; top-5: overlap of the 5 nearest). Writes
-experiments/results/minilm_embeddings.md.
+experiments/results/minilm_embeddings.{md,png}.
 
     python -m experiments.minilm_embeddings [--num 300]
 """
@@ -210,9 +210,50 @@ def main(argv=None) -> str:
   table = "\n".join(lines) + "\n"
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(table)
+  png = args.out.with_suffix(".png")
+  plot(rows, dev.device_kind, datetime.date.today().isoformat(), png)
   print("\n" + "\n".join(lines[-(len(rows) + 2):]))
-  print(f"\nwrote {args.out} ({elapsed:.0f} s)")
+  print(f"\nwrote {args.out} and {png} ({elapsed:.0f} s)")
   return table
+
+
+def plot(rows: list[dict], device: str, date: str, path: Path) -> None:
+  """Mean cosine (min as a whisker) and NN top-1 / top-5 per configuration vs bits per coordinate."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter
+
+  markers = "*osD^vPXh"
+  fig, (ax_c, ax_n) = plt.subplots(1, 2, figsize=(13, 5.6))
+  seen: dict[float, int] = {}
+  for i, r in enumerate(rows):
+    b = sum(r["bits"]) / 2
+    seen[b] = seen.get(b, -1) + 1
+    x = b * 1.025 ** seen[b]  # configurations with equal bits are drawn side by side
+    label = f"{r['name'].replace('**', '')}: K {r['bits'][0]:g}, V {r['bits'][1]:g} b/coord"
+    kw = dict(marker=markers[i % len(markers)], color=f"C{i}", ms=8, ls="none")
+    ax_c.errorbar(x, r["cos_mean"], yerr=[[r["cos_mean"] - r["cos_min"]], [0.0]], capsize=3, label=label, **kw)
+    ax_n.plot(x, 100 * r["top1"], **kw)
+    ax_n.plot(x, 100 * r["top5"], mfc="none", **kw)
+  ax_n.plot([], [], "ko", ls="none", label="NN top-1 (filled)")
+  ax_n.plot([], [], "ko", mfc="none", ls="none", label="NN top-5 overlap (hollow)")
+  ax_c.set(title="Cosine(exact, compressed) embedding: mean, whisker down to min",
+           ylabel="cosine similarity")
+  ax_n.set(title="Nearest-neighbour agreement among the sentences", ylabel="agreement (%)")
+  ticks = [2, 3, 4, 5, 6, 8, 16]
+  for ax in (ax_c, ax_n):
+    ax.set(xscale="log", xlabel="bits per coordinate, mean of K and V (equal bits: offset to the right)")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+  ax_n.legend(fontsize=8, loc="lower right")
+  fig.legend(*ax_c.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+  fig.suptitle(f"MiniLM-L6 sentence embeddings, TurboQuant-compressed attention — {device}, {date}")
+  fig.tight_layout(rect=(0, 0.16, 1, 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _pyver() -> str:
