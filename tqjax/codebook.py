@@ -107,7 +107,10 @@ def quantize(cb: Codebook, y: jax.Array) -> jax.Array:
 
   y: [...] float. Returns [...] uint8 codes in [0, 2^bits). NaN maps to code 2^bits − 1.
   """
-  idx = jnp.searchsorted(cb.boundaries.astype(y.dtype), y, side="left", method="scan_unrolled")
+  # Up to 4 bits, comparing against all 2^b − 1 boundaries is one fused elementwise pass; wider
+  # codebooks use an unrolled binary search (b steps). Both count the boundaries below y.
+  method = "compare_all" if cb.bits <= 4 else "scan_unrolled"
+  idx = jnp.searchsorted(cb.boundaries.astype(y.dtype), y, side="left", method=method)
   return idx.astype(jnp.uint8)
 
 
