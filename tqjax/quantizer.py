@@ -113,13 +113,9 @@ class Code:
     return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(self))
 
 
-def _register_quantizer(cls):
-  return jax.tree_util.register_dataclass(
-      cls, data_fields=("rotation", "codebook", "qjl"), meta_fields=("config",)
-  )
-
-
-@_register_quantizer
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=("rotation", "codebook", "qjl"), meta_fields=("config",)
+)
 @dataclasses.dataclass(frozen=True)
 class Quantizer:
   """A TurboQuant quantizer: its static config and constants (Π, codebook, QJL sketch).
