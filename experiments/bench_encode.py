@@ -1,8 +1,12 @@
-"""Where prefill encode time goes on a GPU: the full `tqjax.cache.prefill` and each encode stage,
-against a bf16 read + write of the same K/V (the issue's target: encode ≤ 2× that copy).
+"""Where prefill encode time goes on a GPU: the full `tqjax.cache.prefill` (XLA encode and the fused
+Pallas encode kernel) and each XLA encode stage, against a bf16 read + write of the same K/V (the
+issue's target: encode ≤ 2× that copy).
 
-Run: PYTHONPATH=. python experiments/bench_encode.py [--quick]
-Writes experiments/results/bench_encode_<device>_<date>.md.
+Run: PYTHONPATH=. python experiments/bench_encode.py [--quick] [--sweep]
+--sweep adds kernel-option rows (block_t, num_warps, blocks per program, precision) for tuning,
+on centred keys (the heavier path: x − mean is split into two bf16 dot operands).
+On CPU (--quick) the kernel runs in Pallas interpret mode: its rows check plumbing, not speed.
+Writes experiments/results/bench_encode_<device>_<date>.md (not with --quick).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.bench_decode import bench  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 from tqjax import codebook, packing, quantizer, rotation  # noqa: E402
+from pallas_kernels import dispatch, encode_gpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,7 +33,12 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
   ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--sweep", action="store_true", help="also time kernel options (block_t, warps, ...)")
   args = ap.parse_args(argv)
+  interpret = jax.default_backend() != "gpu"
+  if interpret:
+    print("note: no GPU; the fused-kernel rows run in Pallas interpret mode (not a speed measurement)")
+  tag = " [interpret]" if interpret else ""
   b, kh, t, d = (2, 2, 512, 64) if args.quick else (8, 8, 32768, 128)
   kk = jax.random.normal(jax.random.key(7), (b, kh, t, d), jnp.bfloat16)
   vv = jax.random.normal(jax.random.key(8), (b, kh, t, d), jnp.bfloat16)
@@ -44,9 +54,32 @@ def main(argv=None) -> None:
   for bits in (4, 3):
     cfg = C.CacheConfig(head_dim=d, k_bits=bits, v_bits=bits)
     empty = C.init_cache(cfg, b, kh, t)
-    row(f"prefill K{bits}/V{bits} (encode K and V, write the cache)", lambda c, k, v: C.prefill(c, k, v), [(empty, kk, vv)])
+    row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), xla",
+        lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
+    row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), pallas{tag}",
+        lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret), [(empty, kk, vv)])
+  cfg = C.CacheConfig(head_dim=d, k_bits=3, v_bits=3, k_variant="prod")
+  empty = C.init_cache(cfg, b, kh, t)
+  row("prefill K3 prod/V3, xla", lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
+  row(f"prefill K3 prod/V3, pallas{tag}", lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret),
+      [(empty, kk, vv)])
   tq = quantizer.make_quantizer(d, 3, "mse", norm_correction=True, norm_dtype="float16")
-  row("encode K alone, 3-bit mse+nc", lambda x: quantizer.encode(tq, x), [(kk,)])
+  row("encode K alone, 3-bit mse+nc, xla", lambda x: quantizer.encode(tq, x), [(kk,)])
+  row(f"encode K alone, 3-bit mse+nc, fused kernel{tag}",
+      lambda x: encode_gpu.encode(tq, x, interpret=interpret), [(kk,)])
+  mean = jnp.mean(kk.astype(jnp.float32), axis=2)
+  row(f"encode K alone, 3-bit mse+nc, fused kernel, centred (mean input){tag}",
+      lambda x, m: encode_gpu.encode(tq, x, m, interpret=interpret), [(kk, mean)])
+  if args.sweep:
+    tq4 = quantizer.make_quantizer(d, 4, "mse", norm_correction=True, norm_dtype="float16")
+    for bt in (64, 128):  # 32 rows would leave half of each 64-row wgmma idle with 4 warps
+      for nw in (4, 8):
+        for bpp in (1, 4):
+          for prec in ("high", "tf32"):
+            opts = dict(block_t=bt, num_warps=nw, blocks_per_program=bpp, precision=prec)
+            name = ", ".join(f"{k}={v}" for k, v in opts.items())
+            row(f"encode K alone, 4-bit, centred, kernel {name}{tag}",
+                lambda x, m, o=opts: encode_gpu.encode(tq4, x, m, interpret=interpret, **o), [(kk, mean)])
   kf = kk.astype(jnp.float32)
   for prec in ("HIGHEST", "HIGH", "DEFAULT"):
     p = getattr(jax.lax.Precision, prec)

@@ -1,7 +1,9 @@
-"""Which decode-attention implementation runs for a cache, and the Pallas entry `tqjax.cache` calls.
+"""Which implementation runs for a cache, and the Pallas entries `tqjax.cache` calls.
 
-`tqjax.cache.attention(..., implementation=None)` asks `default_implementation(cache)`; with
-"pallas" it calls `attention(cache, q, scale=, soft_cap=, sliding_window=)` here. Kernels are
+Decode attention: `tqjax.cache.attention(..., implementation=None)` asks
+`default_implementation(cache)`; with "pallas" it calls `attention(cache, q, scale=, soft_cap=,
+sliding_window=)` here. Prefill encode: `tqjax.cache.prefill(..., implementation=None)` asks
+`default_prefill_implementation(cache, dtypes)` and calls `prefill(...)` here. Kernels are
 imported lazily so this module (and `pallas_kernels`) imports on any backend, GPU or not.
 """
 
@@ -79,3 +81,81 @@ def attention(
       sliding_window=sliding_window,
       partial_fn=partial_fn,
   )[:, :, 0]
+
+
+# ----------------------------------------------------------------------------- prefill encode
+
+
+def _encode_backend(backend: str) -> tuple[bool, str]:
+  if backend in ("gpu", "cuda"):
+    return True, ""
+  if backend == "rocm":
+    return False, "the encode kernel is only built and tested for NVIDIA (Triton on CUDA)"
+  return False, f"no fused encode kernel for backend {backend!r} (the XLA encode runs there)"
+
+
+def _dtypes(dtypes) -> tuple:
+  return (None,) if dtypes is None else tuple(dtypes) if isinstance(dtypes, (tuple, list)) else (dtypes,)
+
+
+def prefill_supports(cache, backend: str | None = None, dtypes=None) -> tuple[bool, str]:
+  """(True, "") if the fused encode kernel does every encode of a prefill of `cache` (with k/v of
+  `dtypes`, if given) on `backend` (default: JAX's), else (False, why)."""
+  ok, why = _encode_backend(backend or _backend())
+  if not ok:
+    return ok, why
+  from pallas_kernels import encode_gpu  # noqa: PLC0415
+
+  if cache.config.outlier_channels:
+    return False, f"outlier_channels={cache.config.outlier_channels} (the encode kernel has no channel split)"
+  for name, store in (("keys", cache.k), ("values", cache.v)):
+    for dtype in _dtypes(dtypes):
+      ok, why = encode_gpu.supported(store.quantizer, dtype)
+      if not ok:
+        return False, f"{name}: {why}"
+  return True, ""
+
+
+def default_prefill_implementation(cache, dtypes=None) -> str:
+  """"pallas" where the encode kernel can do some of a prefill's encodes on this backend, else "xla"."""
+  if not _encode_backend(_backend())[0] or cache.config.outlier_channels:
+    return "xla"
+  from pallas_kernels import encode_gpu  # noqa: PLC0415
+
+  some = any(
+      all(encode_gpu.supported(store.quantizer, dt)[0] for dt in _dtypes(dtypes)) for store in (cache.k, cache.v)
+  )
+  return "pallas" if some else "xla"
+
+
+def prefill(
+    cache,  # tqjax.cache.KVCache
+    k,  # [B, K, T, D]
+    v,  # [B, K, T, D]
+    lengths=None,  # [B] int or None
+    *,
+    xla_fallback: bool = False,
+    interpret: bool = False,
+    **kernel_options,
+):
+  """`tqjax.cache.prefill` with the fused encode kernel (`pallas_kernels.encode_gpu.encode`).
+
+  xla_fallback=False (implementation="pallas"): raises ValueError naming the reason unless the
+  kernel does every encode. xla_fallback=True (implementation=None): encodes the kernel does not
+  support (more than 4 codebook bits, outlier channels, ...) go through the XLA encode.
+  interpret=True runs the kernel in Pallas interpret mode (any backend, for tests).
+  """
+  from pallas_kernels import encode_gpu  # noqa: PLC0415
+
+  backend = "gpu" if interpret else _backend()
+  if not xla_fallback:
+    ok, why = prefill_supports(cache, backend, (k.dtype, v.dtype))
+    if not ok:
+      raise ValueError(f'implementation="pallas" is not available for this prefill: {why}')
+
+  def encoder(tq, x, mean=None):
+    if xla_fallback and not (_encode_backend(backend)[0] and encode_gpu.supported(tq, x.dtype)[0]):
+      return tq_cache.encode_tokens(tq, x, mean)
+    return encode_gpu.encode(tq, x, mean, interpret=interpret, **kernel_options)
+
+  return tq_cache.prefill_with_encoder(cache, k, v, lengths, encoder=encoder)

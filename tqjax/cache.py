@@ -248,29 +248,42 @@ def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[j
   return xp[..., n_out:], xp[..., :n_out]
 
 
-def _write_store(store: Store, x: jax.Array, pos: jax.Array, ok: jax.Array, n_out: int) -> Store:
-  main, out = _split_channels(x, store.perm, n_out)
+def encode_tokens(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) -> Code:
+  """The write path's encode: `encode(tq, x − mean)`, the contract fused encode kernels implement.
+
+  x [..., T, d] (float32/bfloat16/float16); mean [..., d] float32 (one per group of T tokens,
+  e.g. the cache's key mean per (batch, kv head)) or None.
+  """
+  if mean is not None:
+    x = x.astype(jnp.float32) - mean[..., None, :]
+  return encode(tq, x)
+
+
+def _write_store(store: Store, x: jax.Array, pos: jax.Array, ok: jax.Array, n_out: int, mean, encoder) -> Store:
+  """Encodes x [B, K, T, D] (− mean [B, K, D], if given) with `encoder` and scatters it into `store`."""
   put = lambda dst, src: scatter_tokens(dst, src, pos, ok)
-  new_main = jax.tree_util.tree_map(put, store.main, encode(store.quantizer, main))
-  if out is None:
-    return dataclasses.replace(store, main=new_main)
-  new_out = jax.tree_util.tree_map(put, store.outlier, encode(store.outlier_quantizer, out))
+  if store.perm is None:
+    return dataclasses.replace(store, main=jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, x, mean)))
+  if mean is not None:  # the channel split permutes channels per head: centre first
+    x = x.astype(jnp.float32) - mean[:, :, None, :]
+  main, out = _split_channels(x, store.perm, n_out)
+  new_main = jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, main, None))
+  new_out = jax.tree_util.tree_map(put, store.outlier, encoder(store.outlier_quantizer, out, None))
   return dataclasses.replace(store, main=new_main, outlier=new_out)
 
 
-def _write(cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array) -> KVCache:
+def _write(
+    cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array, encoder=encode_tokens
+) -> KVCache:
   """Writes tokens t < count[b] of k, v [B, K, T, D] at slots start[b] + t; past capacity is dropped."""
   t = k.shape[2]
   pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   ok = (jnp.arange(t)[None, :] < count[:, None]) & (pos < cache.capacity)
   n_out = cache.config.outlier_channels
-  k_shift = k.astype(jnp.float32)
-  if cache.key_mean is not None:
-    k_shift = k_shift - cache.key_mean[:, :, None, :]
   new = dataclasses.replace(
       cache,
-      k=_write_store(cache.k, k_shift, pos, ok, n_out),
-      v=_write_store(cache.v, v, pos, ok, n_out),
+      k=_write_store(cache.k, k, pos, ok, n_out, cache.key_mean, encoder),
+      v=_write_store(cache.v, v, pos, ok, n_out, None, encoder),
       lengths=jnp.minimum(start + count, cache.capacity).astype(jnp.int32),
   )
   if cache.config.window:
@@ -304,28 +317,57 @@ def _outlier_perm(x: jax.Array, count: jax.Array, n_out: int) -> jax.Array:
   return jnp.concatenate([jnp.sort(top, axis=-1), rest], axis=-1)
 
 
-def prefill(cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> KVCache:
+def prefill(
+    cache: KVCache,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    implementation: str | None = None,
+) -> KVCache:
   """Starts every sequence afresh with T prompt tokens k, v [B, K, T, D] (T ≤ capacity).
 
   lengths [B] (optional, ≤ T): how many of the T tokens are real per sequence (right padding).
   The key mean (center_keys) and the outlier channels are found here from the real tokens.
+  implementation: None encodes with the fused Pallas kernel on GPU where it supports the
+  quantizers (XLA for the rest) and with XLA elsewhere; "pallas" insists on the kernel for
+  every encode (ValueError naming the reason if it can't); "xla" never uses it.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
+  _check_kv(cache, k, v, "prefill")
+  if implementation == "xla":
+    return prefill_with_encoder(cache, k, v, lengths)
+  from pallas_kernels import dispatch  # lazy: tqjax must import without Pallas backends
+
+  if implementation is None:
+    if dispatch.default_prefill_implementation(cache, (k.dtype, v.dtype)) == "xla":
+      return prefill_with_encoder(cache, k, v, lengths)
+    return dispatch.prefill(cache, k, v, lengths, xla_fallback=True)
+  return dispatch.prefill(cache, k, v, lengths)
+
+
+def prefill_with_encoder(
+    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens
+) -> KVCache:
+  """`prefill` with `encoder(tq, x, mean)` in place of `encode_tokens` (same contract), which is
+  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`)."""
   _check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
   count = _valid_count(lengths, t, b, "prefill")
-  kf = k.astype(jnp.float32)
   new = cache
   if cache.key_mean is not None:
-    new = dataclasses.replace(new, key_mean=_masked_mean(kf, count))
+    new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
   if cache.config.outlier_channels:
     n = cache.config.outlier_channels
+    kf = k.astype(jnp.float32)
     k_c = kf - new.key_mean[:, :, None, :] if new.key_mean is not None else kf
     new = dataclasses.replace(
         new,
         k=dataclasses.replace(new.k, perm=_outlier_perm(k_c, count, n)),
         v=dataclasses.replace(new.v, perm=_outlier_perm(v.astype(jnp.float32), count, n)),
     )
-  return _write(new, k, v, jnp.zeros((b,), jnp.int32), count)
+  return _write(new, k, v, jnp.zeros((b,), jnp.int32), count, encoder)
 
 
 def append(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None) -> KVCache:
