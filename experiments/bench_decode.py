@@ -7,7 +7,7 @@
 In one process: the card's copy bandwidth (x + 1 on a large array, read + write), XLA dense bf16
 attention, cuDNN bf16 (`jax.nn.dot_product_attention(implementation="cudnn")`), an int8-KV XLA
 baseline (per-token scales), our XLA reference path and our Pallas kernel for K4/V4, K3/V3 (mse)
-and K3 prod/V3; prefill encode vs a bf16 read+write of the same K/V.
+and K3 prod/V3 (tf32 and bf16 dot operands). Prefill encode is timed by bench_encode.py.
 
 Timing: each sample runs one jitted call over `nbuf` distinct input sets (so L2 never holds the
 working set and dispatch overlaps execution), synchronizes, and divides by nbuf; the median of
@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqjax import cache as C  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KERNEL_DEFAULT_CHUNKED = False  # the second kernel row of each config times the other form
 
 
 # ----------------------------------------------------------------------------- timing
@@ -238,11 +237,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run: XLA paths only")
   ap.add_argument("--no-check", action="store_true")
-  ap.add_argument("--variants", action="store_true", help="also time kernel variants (stage drops, blocks)")
   ap.add_argument("--reps", type=int, default=30)
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--only", default="", help="comma list of shape names to run")
-  ap.add_argument("--both-forms", action="store_true", help="also time the other kernel form (chunked)")
   ap.add_argument("--plot-from", metavar="JSON", help="only plot an existing results JSON to <same stem>.png")
   args = ap.parse_args()
   if args.plot_from:
@@ -262,7 +259,7 @@ def main():
     lines.append(msg)
 
   log(f"device: {device} ({dev.platform}), jax {jax.__version__}, date {date}")
-  results = dict(device=device, date=date, jax=jax.__version__, rows=[], checks=[], variants=[])
+  results = dict(device=device, date=date, jax=jax.__version__, rows=[], checks=[])
   use_kernel = on_gpu and not args.quick
   if use_kernel and not args.no_check:
     results["checks"] = check_kernel(log)
@@ -285,6 +282,34 @@ def main():
   if args.only:
     keep = set(args.only.split(","))
     shapes = [s for s in shapes if s[0] in keep]
+
+  def write() -> None:
+    """Writes the table so far (after every shape, so a run cut short still leaves its rows)."""
+    md = [f"# Decode attention benchmark — {device}, {date}", "",
+          f"jax {jax.__version__}; copy bandwidth (x + 1, read + write): **{copy_tbs:.3f} TB/s**.",
+          "Median µs per call over distinct input buffers; bytes = what each implementation must read;",
+          "% copy = effective bandwidth / copy bandwidth; speedup vs cuDNN bf16 on the same shape.", "",
+          "| shape | impl | µs | MB read | TB/s | % copy | × vs cuDNN | rel err |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["rows"]:
+      sp = "" if r.get("speedup_vs_cudnn") is None else f"{r['speedup_vs_cudnn']:.2f}"
+      err = "" if r["err"] is None else f"{r['err']:.1e}"
+      md.append(f"| {r['shape']} | {r['impl']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | {r['tbs']:.3f} | "
+                f"{r['pct_copy']:.1f} | {sp} | {err} |")
+    if results["checks"]:
+      md += ["", "Kernel vs float32 XLA reference (compiled, fresh prefilled data):", ""]
+      for c in results["checks"]:
+        md.append(f"- {c['case']}: rel err {c['rel_err']:.2e}, NaN {c['nan']}")
+    text = "\n".join(md) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_decode_{device.replace(' ', '_').replace('/', '_')}_{date}" + ("_quick" if args.quick else "")
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out / f"{stem}.png")
+    log(f"wrote {out / stem}.md/.json/.png")
+
 
   for name, b, hq, kh, d, s in shapes:
     bf16_bytes = 2 * b * kh * s * d * 2
@@ -342,82 +367,16 @@ def main():
         ref = np.asarray(jax.jit(xla)(caches[0], qs[0]))
         err = rel_err(jax.jit(pal)(caches[0], qs[0]), ref)
         add(f"ours pallas {cname}", bench(pal, list(zip(caches, qs)), reps=reps), nbytes, err)
-      if use_kernel and args.both_forms:
-        other = not KERNEL_DEFAULT_CHUNKED
-        palc = lambda cache, q: dispatch.attention(cache, q, chunked=other, num_stages=3)
-        err = rel_err(jax.jit(palc)(caches[0], qs[0]), ref)
-        add(f"ours pallas {'chunked' if other else 'unchunked'} st3 {cname}",
-            bench(palc, list(zip(caches, qs)), reps=reps), nbytes, err)
-        if args.variants and cname == "K3/V3" and name in ("S=32k", "quick"):
-          ch = dict(chunked=True, num_stages=3)
-          for var, kopt in [
-              ("chunked bk=128", dict(ch, block_k=128)),
-              ("chunked warps=8", dict(ch, num_warps=8)),
-              ("chunked no_poly", dict(ch, variant="no_poly")),
-              ("chunked no_values", dict(ch, variant="no_values")),
-              ("chunked load_only", dict(ch, variant="load_only")),
-          ]:
-            try:
-              f = lambda cache, q, kopt=kopt: dispatch.attention(cache, q, **kopt)
-              us = bench(f, list(zip(caches, qs)), reps=reps)
-              tbs = nbytes / (us * 1e-6) / 1e12
-              results["variants"].append(dict(shape=name, variant=var, us=us, tbs=tbs))
-              log(f"  variant {var:16s} {us:9.1f} µs  {tbs:6.3f} TB/s  {100 * tbs / copy_tbs:5.1f}%")
-            except Exception as e:  # noqa: BLE001
-              log(f"  variant {var} failed: {type(e).__name__}: {str(e)[:300]}")
+      if use_kernel:
+        pal16 = lambda cache, q: dispatch.attention(cache, q, dot_dtype="bfloat16")
+        err = rel_err(jax.jit(pal16)(caches[0], qs[0]), ref)
+        add(f"ours pallas bf16-dots {cname}", bench(pal16, list(zip(caches, qs)), reps=reps), nbytes, err)
       del caches
     cud = [r for r in rows if r["impl"] == "cudnn bf16"]
     for r in rows:
       r["speedup_vs_cudnn"] = (cud[0]["us"] / r["us"]) if cud else None
     results["rows"] += rows
-
-  # prefill encode vs a bf16 read + write of the same K/V
-  pb, pk, ps, pd = (2, 2, 512, 64) if args.quick else (8, 8, 32768, 128)
-  kk = jax.random.normal(jax.random.key(7), (pb, pk, ps, pd), jnp.bfloat16)
-  vv = jax.random.normal(jax.random.key(8), (pb, pk, ps, pd), jnp.bfloat16)
-  for cname, opts in CONFIGS.items():
-    cfg = C.CacheConfig(head_dim=pd, **opts)
-    empty = C.init_cache(cfg, pb, pk, ps)
-    us = bench(lambda c, k, v: C.prefill(c, k, v), [(empty, kk, vv)], reps=max(3, reps // 3))
-    results.setdefault("prefill", []).append(dict(config=cname, us=us))
-    log(f"prefill {cname} B={pb} K={pk} T={ps} D={pd}: {us:.1f} µs")
-  us = bench(lambda k, v: (k + 1, v + 1), [(kk, vv)], reps=reps)
-  results["prefill_bf16_copy_us"] = us
-  log(f"bf16 read+write of the same K/V: {us:.1f} µs")
-
-  # ---- markdown
-  md = [f"# Decode attention benchmark — {device}, {date}", "",
-        f"jax {jax.__version__}; copy bandwidth (x + 1, read + write): **{copy_tbs:.3f} TB/s**.",
-        "Median µs per call over distinct input buffers; bytes = what each implementation must read;",
-        "% copy = effective bandwidth / copy bandwidth; speedup vs cuDNN bf16 on the same shape.", "",
-        "| shape | impl | µs | MB read | TB/s | % copy | × vs cuDNN | rel err |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for r in results["rows"]:
-    sp = "" if r.get("speedup_vs_cudnn") is None else f"{r['speedup_vs_cudnn']:.2f}"
-    err = "" if r["err"] is None else f"{r['err']:.1e}"
-    md.append(f"| {r['shape']} | {r['impl']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | {r['tbs']:.3f} | "
-              f"{r['pct_copy']:.1f} | {sp} | {err} |")
-  if results["variants"]:
-    md += ["", "Kernel variants (K3/V3):", "", "| shape | variant | µs | TB/s | % copy |", "| --- | --- | ---: | ---: | ---: |"]
-    for v in results["variants"]:
-      md.append(f"| {v['shape']} | {v['variant']} | {v['us']:.1f} | {v['tbs']:.3f} | {100 * v['tbs'] / copy_tbs:.1f} |")
-  md += ["", f"Prefill encode (B={pb}, K={pk}, T={ps}, D={pd}) vs bf16 read+write of the same K/V "
-         f"({results['prefill_bf16_copy_us']:.1f} µs):", ""]
-  for p in results["prefill"]:
-    md.append(f"- {p['config']}: {p['us']:.1f} µs ({p['us'] / results['prefill_bf16_copy_us']:.1f}× the copy)")
-  if results["checks"]:
-    md += ["", "Kernel vs float32 XLA reference (compiled, fresh prefilled data):", ""]
-    for c in results["checks"]:
-      md.append(f"- {c['case']}: rel err {c['rel_err']:.2e}, NaN {c['nan']}")
-  text = "\n".join(md) + "\n"
-  print(text)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = f"bench_decode_{device.replace(' ', '_').replace('/', '_')}_{date}" + ("_quick" if args.quick else "")
-  (out / f"{stem}.md").write_text(text)
-  (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
-  plot(results, out / f"{stem}.png")
-  log(f"wrote {out / stem}.md/.json/.png")
+    write()
 
 
 if __name__ == "__main__":

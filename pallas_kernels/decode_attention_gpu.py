@@ -25,12 +25,17 @@ How a block is dequantized without gathers, reshapes of packed words or slicing 
 * QJL signs (1-bit rows) become ±1 the same way: OR + bitcast + one FMA.
 * Key norms scale the logits after the dot, value norms scale the probabilities before the
   second dot, so per-token scalars never touch the [BK, D] tiles. Both dots run on the tensor
-  cores (tf32 by default) with the query rows as M.
+  cores with the query rows as M: tf32 by default (4–5e-4 of the float32 oracle), or bf16
+  operands with `dot_dtype="bfloat16"` (the query and probabilities split hi + lo by
+  `pallas_kernels.bf16.split`, centroids rounded once: 0.9–2.3e-3; 5–35 % faster, most at D=256).
 
-Status (H200, 2026-11-27, experiments/results/kernel_notes.md): matches the float32 oracle to
-~3e-4 (tf32 dots) and is ~4× faster than the XLA reference path, but reaches only ~6 % of copy
-bandwidth (0.5× cuDNN bf16 at S=32k): the join tree / layout conversions / M=16 tf32 dots dominate,
-not HBM. `chunked=True` (per-column K=32 dots) is kept for experiments; it measured 2.3× slower.
+Status (H200, 2026-11-27; experiments/results/kernel_notes.md, kernel_variants_*.md): correct,
+2.4–4.4× faster than the XLA reference path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50×
+(K3/V3, bf16 dots) of cuDNN bf16, at 6–8 % of copy bandwidth.
+Nsight Compute: the kernel is bound by instruction issue (SM throughput 67 %, memory 41 %; 168
+registers → 19 % occupancy), not by HBM. Building the tiles without the
+join tree (per-element word gathers, or broadcast + one reshape), tokens on M, and CUDA-core
+(no-dot) forms were all measured and were slower; they are not kept.
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, S cache slots, D head dim,
 R = G·T query rows of one kv head, Rp = R padded, W = D / 32 words per packed row.
@@ -48,6 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import bf16
 from tqjax import packing
 from tqjax.cache import compressed_partial_reference
 from tqjax.codebook import lloyd_max  # static float64 centroids (the pytree's are traced under jit)
@@ -58,6 +64,7 @@ MAX_CODE_BITS = 4  # codebook bits the polynomial dequantizer handles (odd degre
 MAX_ROWS = 64  # G·T query rows of one kv head in one program
 _MAGIC = 0x4B000000  # bits of 2^23: OR-ing an integer < 2^23 into the mantissa gives 2^23 + n
 _VARIANTS = ("full", "no_poly", "no_values", "no_keys_dot", "load_only")
+DOT_DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- static tables
@@ -146,18 +153,19 @@ def _dequant_leaves(rows, bits: int, coeffs: tuple[float, ...], variant: str):
     f = lax.bitcast_convert_type(code | jnp.uint32(_MAGIC), jnp.float32)  # 2^23 + code·2^base
     scale = 2.0 ** (-base) / h
     t = f * jnp.float32(scale) - jnp.float32(2.0 ** (23 - base) / h + (n - 1) / (2 * h))  # exact
-    if variant == "no_poly":
-      leaves.append(t)
-      continue
-    t2 = t * t
-    acc = jnp.full_like(t, coeffs[-1]) if len(coeffs) > 1 else None
-    if acc is None:
-      leaves.append(t * jnp.float32(coeffs[0]))
-      continue
-    for a in reversed(coeffs[:-1]):
-      acc = acc * t2 + jnp.float32(a)
-    leaves.append(acc * t)
+    leaves.append(t if variant == "no_poly" else _odd_poly_eval(t, coeffs))
   return leaves
+
+
+def _odd_poly_eval(t, coeffs: tuple[float, ...]):
+  """c(t) = t·P(t²), Horner in t² (see `_odd_poly`)."""
+  if len(coeffs) == 1:
+    return t * jnp.float32(coeffs[0])
+  t2 = t * t
+  acc = jnp.full_like(t, coeffs[-1])
+  for a in reversed(coeffs[:-1]):
+    acc = acc * t2 + jnp.float32(a)
+  return acc * t
 
 
 def _sign_leaves(row):
@@ -211,7 +219,7 @@ def tq_decode_kernel(
     num_rows: int,
     seq_len: int,
     variant: str,
-    chunked: bool,
+    dot_dtype: str,
 ):
   rows_p, head_dim = q_ref.shape
   width = head_dim // LANES
@@ -225,50 +233,45 @@ def tq_decode_kernel(
   first = jnp.maximum(split * blocks_per_split, lo_min // block_k)
   last = jnp.minimum(jnp.minimum((split + 1) * blocks_per_split, num_blocks), pl.cdiv(hi_max, block_k))
 
-  # Column-chunked form (chunked=True): per packed column w a [BK, 32] tile and K=32 dots, so a
-  # thread holds 32·BK/threads dequantized values at a time instead of D·BK/threads.
-  chunks = [(w, 1) for w in range(width)] if chunked else [(None, width)]
-  cols = lambda w: pl.ds(0, head_dim) if w is None else pl.ds(w * LANES, LANES)
-  qs = [q_ref[:, cols(w)] for w, _ in chunks]
-  sqs = [sq_ref[:, cols(w)] for w, _ in chunks] if sq_ref is not None else None
+  q = q_ref[...]
+  sq = sq_ref[...] if sq_ref is not None else None
   offset = off_ref[...]
-  dn_t = (((1,), (1,)), ((), ()))  # a @ b.T
 
-  def load_rows(ref, start, nrows, w):
-    if w is None:
-      return _rows(ref, start, block_k, nrows, width)
-    return [ref[pl.ds(start, block_k), pl.ds(r * width + w, 1)] for r in range(nrows)]
-
-  def deq(ref, start, nbits, coeffs, w, cw):
-    rows = load_rows(ref, start, nbits, w)
+  def deq(ref, start, nbits, coeffs):
+    rows = _rows(ref, start, block_k, nbits, width)
     if variant == "load_only":
-      return _touch(rows, block_k, cw)
-    return _to_kernel_order(_dequant_leaves(rows, nbits, coeffs, variant), block_k, cw)
+      return _touch(rows, block_k, width)
+    return _to_kernel_order(_dequant_leaves(rows, nbits, coeffs, variant), block_k, width)
+
+  def signs(start):
+    return _to_kernel_order(_sign_leaves(_rows(ks_ref, start, block_k, 1, width)[0]), block_k, width)
+
+  def matmul(a, b, contract):
+    """a·b over dims `contract` ((1, 1): a @ b.T; (1, 0): a @ b) with f32 accumulation."""
+    dn = ((contract[:1], contract[1:]), ((), ()))
+    if dot_dtype == "float32":
+      return lax.dot_general(a, b, dn, preferred_element_type=jnp.float32)
+    # bf16 operands: b rounded once (centroids, ±1 signs); a split into hi + lo keeps ~16 bits.
+    b16 = b.astype(jnp.bfloat16)
+    a_hi, a_lo = bf16.split(a)
+    return (lax.dot_general(a_hi, b16, dn, preferred_element_type=jnp.float32)
+            + lax.dot_general(a_lo, b16, dn, preferred_element_type=jnp.float32))
 
   def body(i, carry):
-    accs, m_prev, l_prev = carry
+    acc_prev, m_prev, l_prev = carry
     # The last block is moved back inside the cache; slots it re-reads are masked (slot < i·BK).
     start = jnp.minimum(i * block_k, seq_len - block_k)
     slots = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     ok = (slots >= i * block_k) & (slots >= lo[:, None]) & (slots < hi[:, None])  # [Rp, BK]
 
-    ip = None
-    for c, (w, cw) in enumerate(chunks):
-      kdeq = deq(kc_ref, start, k_bits, k_coeffs, w, cw)
-      if variant == "no_keys_dot":
-        part = jnp.broadcast_to(jnp.sum(kdeq, axis=1)[None, :], (rows_p, block_k))
-      else:
-        part = lax.dot_general(qs[c], kdeq, dn_t, preferred_element_type=jnp.float32)
-      ip = part if ip is None else ip + part
+    kdeq = deq(kc_ref, start, k_bits, k_coeffs)
+    if variant == "no_keys_dot":
+      ip = jnp.broadcast_to(jnp.sum(kdeq, axis=1)[None, :], (rows_p, block_k))
+    else:
+      ip = matmul(q, kdeq, (1, 1))  # [Rp, BK]
+    if sq is not None:
+      ip = ip + matmul(sq, signs(start), (1, 1)) * kr_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]
     knorm = kn_ref[pl.ds(start, block_k)].astype(jnp.float32)
-    if sqs is not None:
-      qjl = None
-      for c, (w, cw) in enumerate(chunks):
-        row = load_rows(ks_ref, start, 1, w)[0]
-        signs = _to_kernel_order(_sign_leaves(row), block_k, cw)
-        part = lax.dot_general(sqs[c], signs, dn_t, preferred_element_type=jnp.float32)
-        qjl = part if qjl is None else qjl + part
-      ip = ip + qjl * kr_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]
     logits = ip * knorm[None, :] + offset[:, None]
     if soft_cap is not None:
       logits = jnp.float32(soft_cap) * jnp.tanh(logits / jnp.float32(soft_cap))
@@ -282,23 +285,18 @@ def tq_decode_kernel(
     vnorm = vn_ref[pl.ds(start, block_k)].astype(jnp.float32)
     # where, not multiply: a masked slot's norm may be NaN or garbage and must not leak.
     pv = jnp.where(ok, p * vnorm[None, :], 0.0)
-    new_accs = []
-    for c, (w, cw) in enumerate(chunks):
-      acc = accs[c] * corr[:, None]
-      if variant != "no_values":
-        vdeq = deq(vc_ref, start, v_bits, v_coeffs, w, cw)
-        acc = acc + lax.dot_general(pv, vdeq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      new_accs.append(acc)
-    return tuple(new_accs), m_new, l_new
+    acc = acc_prev * corr[:, None]
+    if variant != "no_values":
+      acc = acc + matmul(pv, deq(vc_ref, start, v_bits, v_coeffs), (1, 0))
+    return acc, m_new, l_new
 
-  accs0 = tuple(jnp.zeros((rows_p, LANES * cw), jnp.float32) for _, cw in chunks)
+  acc0 = jnp.zeros((rows_p, head_dim), jnp.float32)
   m0 = jnp.full((rows_p,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((rows_p,), jnp.float32)
-  accs, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, (accs0, m0, l0))
+  acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, (acc0, m0, l0))
 
   row_ok = lax.broadcasted_iota(jnp.int32, (rows_p,), 0) < num_rows
-  for (w, _), acc in zip(chunks, accs):
-    pltriton.store(acc_ref.at[pl.ds(0, rows_p), cols(w)], acc, mask=row_ok[:, None])
+  pltriton.store(acc_ref.at[pl.ds(0, rows_p), pl.ds(0, head_dim)], acc, mask=row_ok[:, None])
   pltriton.store(m_ref.at[pl.ds(0, rows_p)], m, mask=row_ok)
   pltriton.store(l_ref.at[pl.ds(0, rows_p)], l, mask=row_ok)
 
@@ -328,7 +326,7 @@ def _decode_unbatched(
     num_stages: int,
     interpret: bool,
     variant: str,
-    chunked: bool,
+    dot_dtype: str,
     poison: bool,
 ):
   rows_p, head_dim = q.shape
@@ -349,7 +347,7 @@ def _decode_unbatched(
       num_rows=num_rows,
       seq_len=seq_len,
       variant=variant,
-      chunked=chunked,
+      dot_dtype=dot_dtype,
   )
   full = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   args = [q, sq, offset, lo, hi, kc, kn, ks, kr, vc, vn]
@@ -442,7 +440,7 @@ def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) ->
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "variant", "chunked",
+        "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "variant", "dot_dtype",
         "poison"),
 )
 def decode_partial(
@@ -458,7 +456,7 @@ def decode_partial(
     num_stages: int = 2,
     interpret: bool = False,
     variant: str = "full",
-    chunked: bool = False,
+    dot_dtype: str = "float32",
     poison: bool = False,
 ):
   """The fused kernel under the contract of `tqjax.cache.compressed_partial_reference`.
@@ -469,13 +467,14 @@ def decode_partial(
   ok, why = supported(cache)
   if not ok:
     raise ValueError(f"the Pallas GPU decode kernel does not support this cache: {why}")
-  if variant not in _VARIANTS:
-    raise ValueError(f"{variant=} must be one of {_VARIANTS}")
+  for name, val, allowed in (("variant", variant, _VARIANTS), ("dot_dtype", dot_dtype, DOT_DTYPES)):
+    if val not in allowed:
+      raise ValueError(f"{name}={val!r} must be one of {allowed}")
   b, kh, g, t, d = pq.q[0].shape
   rows = g * t
   if rows > MAX_ROWS:
     raise ValueError(f"G·T = {g}·{t} = {rows} query rows per kv head exceed {MAX_ROWS=}")
-  rows_p = max(16, 1 << (rows - 1).bit_length())
+  rows_p = max(16, 1 << (rows - 1).bit_length())  # Triton dots need M ≥ 16
   kq, vq = cache.k.quantizer, cache.v.quantizer
   k_bits, v_bits = kq.codebook.bits, vq.codebook.bits
   seq = cache.capacity
@@ -524,7 +523,7 @@ def decode_partial(
       num_stages=num_stages,
       interpret=interpret,
       variant=variant,
-      chunked=chunked,
+      dot_dtype=dot_dtype,
       poison=poison,
   )
   acc, m, l = jax.vmap(jax.vmap(inner))(q, sq, offset, lo_r, hi_r, kc, kn, ks, kr, vc, vn)
