@@ -1,6 +1,8 @@
-"""Compiles the encode kernel's Triton IR for sm_90a on a machine without a GPU and reports
-ptxas registers, spills and SASS instructions per encoded coordinate (a proxy for its compute
-cost: the kernel is straight-line code, so static ≈ dynamic count when blocks_per_program = 1).
+"""Compiles the encode kernel's (or, with --decode, the decode kernel's) Triton IR for sm_90a on a
+machine without a GPU and reports ptxas registers, spills, SASS instructions per coordinate and
+the most frequent opcodes (a proxy for compute cost: the encode kernel is straight-line code, so
+static ≈ dynamic count when blocks_per_program = 1; for decode the count is per coordinate of one
+block of K and V, the loop body dominating the static code).
 
 Goes one step past the `lowering` tests (which stop at Triton IR): Triton's own passes, LLVM,
 ptxas. Uses the `triton` wheel from PyPI (not a project dependency; it bundles ptxas), which is
@@ -13,6 +15,7 @@ Run: PYTHONPATH=. python experiments/offline_triton_compile.py --triton-python /
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import re
 import subprocess
@@ -27,7 +30,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import encode_gpu  # noqa: E402
+from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
+from tqjax import cache as C  # noqa: E402
 from tqjax import quantizer  # noqa: E402
 
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
@@ -45,62 +49,94 @@ CASES = {  # name: (d, bits, variant, x dtype, mean, kernel options)
     "V3 bf16 d32": (32, 3, "mse", jnp.bfloat16, False, {}),
 }
 
+DECODE_CASES = {  # name: (k bits, v bits, k variant, kernel options); B=8, Hq=32, Hkv=8, D=128, S=32k
+    "decode K3/V3 tf32": (3, 3, "mse", {}),
+    "decode K3/V3 bf16 dots": (3, 3, "mse", dict(dot_dtype="bfloat16")),
+    "decode K4/V4 tf32": (4, 4, "mse", {}),
+    "decode K3prod/V3 tf32": (3, 3, "prod", {}),
+    "decode K3/V3 load_only": (3, 3, "mse", dict(variant="load_only")),
+}
+
 _COMPILE = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
-k = triton.compile(sys.argv[1], target=GPUTarget("cuda", 90, 32), options={"num_warps": int(sys.argv[2])})
+k = triton.compile(sys.argv[1], target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": int(sys.argv[2]), "num_stages": int(sys.argv[4])})
 open(sys.argv[3], "w").write(k.asm["ptx"])
 """
 
 
-def triton_ir(name: str) -> tuple[str, int, int]:
-  """(Triton IR text, num_warps, coordinates per program) of one case."""
-  d, bits, variant, dtype, with_mean, opts = CASES[name]
-  extra = dict(norm_correction=True) if variant == "mse" else {}
-  tq = quantizer.make_quantizer(d, bits, variant, norm_dtype="float16", **extra)
-  x = jax.ShapeDtypeStruct((8, 8, 32768, d), dtype)
-  mean = jax.ShapeDtypeStruct((8, 8, d), jnp.float32) if with_mean else None
+def _capture_ir(fn, *args) -> str:
+  """Triton IR of the (single) Pallas kernel in jit(fn)(*args), lowered for an abstract H100."""
   captured = {}
   original = triton_lowering.lower_jaxpr_to_triton_module
 
-  def capture(*args, **kwargs):
-    result = original(*args, **kwargs)
+  def capture(*a, **kw):
+    result = original(*a, **kw)
     captured["ir"] = result.module.operation.get_asm(enable_debug_info=False)
     return result
 
   triton_lowering.lower_jaxpr_to_triton_module = capture
   try:
     with use_abstract_mesh(H100):
-      jax.jit(functools.partial(encode_gpu.encode, **opts)).trace(tq, x, mean).lower(lowering_platforms=("cuda",))
+      jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   finally:
     triton_lowering.lower_jaxpr_to_triton_module = original
+  return captured["ir"]
+
+
+def triton_ir(name: str) -> tuple[str, int, int, int]:
+  """(Triton IR text, num_warps, num_stages, coordinates per program) of one encode case."""
+  d, bits, variant, dtype, with_mean, opts = CASES[name]
+  extra = dict(norm_correction=True) if variant == "mse" else {}
+  tq = quantizer.make_quantizer(d, bits, variant, norm_dtype="float16", **extra)
+  x = jax.ShapeDtypeStruct((8, 8, 32768, d), dtype)
+  mean = jax.ShapeDtypeStruct((8, 8, d), jnp.float32) if with_mean else None
+  ir = _capture_ir(functools.partial(encode_gpu.encode, **opts), tq, x, mean)
   warps = opts.get("num_warps") or 4
-  return captured["ir"], warps, (opts.get("block_t") or encode_gpu.default_block_t(d, 32768)) * d
+  return ir, warps, opts.get("num_stages") or 3, (opts.get("block_t") or encode_gpu.default_block_t(d, 32768)) * d
+
+
+def decode_ir(name: str) -> tuple[str, int, int, int]:
+  """(Triton IR text, num_warps, num_stages, coordinates of one K + V block) of one decode case."""
+  kb, vb, variant, opts = DECODE_CASES[name]
+  cfg = C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, k_variant=variant)
+  cache = jax.eval_shape(lambda: C.init_cache(cfg, 8, 8, 32768))
+  q = jax.ShapeDtypeStruct((8, 32, 128), jnp.float32)
+  fn = lambda c, q: C.chunked_attention(
+      c, q[:, :, None], partial_fn=lambda *a: decode_attention_gpu.decode_partial(*a, **opts))
+  block_k = opts.get("block_k") or decode_attention_gpu.default_block_k(128, 32768)
+  return _capture_ir(fn, cache, q), opts.get("num_warps") or 4, opts.get("num_stages") or 2, 2 * block_k * 128
 
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--triton-python", required=True, help="a python with the triton wheel installed")
+  ap.add_argument("--decode", action="store_true", help="the decode kernel's cases instead of the encode kernel's")
   args = ap.parse_args(argv)
+  cases, make_ir = (DECODE_CASES, decode_ir) if args.decode else (CASES, triton_ir)
   bin_dir = subprocess.run([args.triton_python, "-c", "import triton, os; print(os.path.dirname(triton.__file__))"],
                            capture_output=True, text=True, check=True).stdout.strip() + "/backends/nvidia/bin"
   ptxas = next(p for p in (Path(bin_dir) / "ptxas-blackwell", Path(bin_dir) / "ptxas") if p.exists())
-  print(f"| case | registers | spill bytes | SASS per coordinate |\n| --- | ---: | ---: | ---: |")
+  print("| case | registers | spill bytes | SASS per coordinate | most frequent opcodes (static count) |\n"
+        "| --- | ---: | ---: | ---: | --- |")
   with tempfile.TemporaryDirectory() as tmp:
-    for name in CASES:
-      ir, warps, coords = triton_ir(name)
+    for name in cases:
+      ir, warps, stages, coords = make_ir(name)
       ttir, ptx, cubin = (Path(tmp) / f"k.{ext}" for ext in ("ttir", "ptx", "cubin"))
       ttir.write_text(ir)
-      subprocess.run([args.triton_python, "-c", _COMPILE, str(ttir), str(warps), str(ptx)], check=True,
+      subprocess.run([args.triton_python, "-c", _COMPILE, str(ttir), str(warps), str(ptx), str(stages)], check=True,
                      capture_output=True)
       info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
                             capture_output=True, text=True, check=True).stderr
       sass = subprocess.run([str(Path(bin_dir) / "cuobjdump"), "-sass", str(cubin)],
                             capture_output=True, text=True, check=True).stdout
-      n = len(re.findall(r"^\s+/\*[0-9a-f]+\*/", sass, re.M))
+      ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+      n = len(ops)
+      top = ", ".join(f"{op} {k}" for op, k in collections.Counter(ops).most_common(8))
       regs = re.search(r"Used (\d+) registers", info).group(1)
       spill = re.search(r"(\d+) bytes spill stores", info).group(1)
-      print(f"| {name} | {regs} | {spill} | {n * 32 * warps / coords:.1f} |", flush=True)
+      print(f"| {name} | {regs} | {spill} | {n * 32 * warps / coords:.1f} | {top} |", flush=True)
 
 
 if __name__ == "__main__":

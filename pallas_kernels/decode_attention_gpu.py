@@ -32,10 +32,11 @@ How a block is dequantized without gathers, reshapes of packed words or slicing 
 Status (H200, 2026-11-27; experiments/results/kernel_notes.md, kernel_variants_*.md): correct,
 2.4–4.4× faster than the XLA reference path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50×
 (K3/V3, bf16 dots) of cuDNN bf16, at 6–8 % of copy bandwidth.
-Nsight Compute: the kernel is bound by instruction issue (SM throughput 67 %, memory 41 %; 168
-registers → 19 % occupancy), not by HBM. Building the tiles without the
-join tree (per-element word gathers, or broadcast + one reshape), tokens on M, and CUDA-core
-(no-dot) forms were all measured and were slower; they are not kept.
+Not memory-bound: ~18 SASS instructions per cached coordinate (~12 of them dequantization;
+experiments/offline_triton_compile.py --decode), issued at ~35 % of peak because 168 registers
+allow only 12 warps per SM (Nsight Compute: SM throughput 67 %, memory 41 %). Building the tiles
+without the join tree (per-element word gathers, or broadcast + one reshape), tokens on M, and
+CUDA-core (no-dot) forms were all measured and were slower; they are not kept.
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, S cache slots, D head dim,
 R = G·T query rows of one kv head, Rp = R padded, W = D / 32 words per packed row.
