@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -153,10 +152,28 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def check_kernel(log) -> list[dict]:
-  """Compiled kernel vs the float32 XLA reference on prefilled random data (fresh per case)."""
+def check_case(c: dict, seed: int, **options) -> tuple[float, bool]:
+  """(relative error, any NaN) of the compiled kernel (with `options`) vs the float32 XLA reference
+  on freshly prefilled random data. c: d, kb, vb, var, g, s and optionally nd, cap, win."""
   from pallas_kernels import dispatch
 
+  cfg = C.CacheConfig(head_dim=c["d"], k_bits=c["kb"], v_bits=c["vb"], k_variant=c["var"],
+                      norm_dtype=c.get("nd", "float32"), seed=seed)
+  b, kh = 3, 2
+  r = np.random.default_rng(100 + seed)
+  k = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])) + 0.3, jnp.float32)
+  v = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])), jnp.float32)
+  lengths = jnp.asarray([c["s"], c["s"] // 3 + 1, 1], jnp.int32)
+  cache = C.prefill(C.init_cache(cfg, b, kh, c["s"]), k, v, lengths)
+  q = jnp.asarray(r.standard_normal((b, kh * c["g"], c["d"])) * 2, jnp.float32)
+  kw = dict(soft_cap=c.get("cap"), sliding_window=c.get("win"))
+  ref = jax.jit(lambda cache, q: C.attention(cache, q, implementation="xla", **kw))(cache, q)
+  got = np.asarray(jax.jit(lambda cache, q: dispatch.attention(cache, q, **kw, **options))(cache, q))
+  return rel_err(got, ref), bool(np.isnan(got).any())
+
+
+def check_kernel(log) -> list[dict]:
+  """`check_case` over a spread of configurations (the kernel's defaults)."""
   cases = [
       dict(d=128, kb=3, vb=3, var="mse", g=4, s=4133),
       dict(d=128, kb=4, vb=4, var="mse", g=4, s=4096),
@@ -169,23 +186,9 @@ def check_kernel(log) -> list[dict]:
   ]
   out = []
   for i, c in enumerate(cases):
-    cfg = C.CacheConfig(head_dim=c["d"], k_bits=c["kb"], v_bits=c["vb"], k_variant=c["var"],
-                        norm_dtype=c.get("nd", "float32"), seed=i)
-    b, kh = 3, 2
-    r = np.random.default_rng(100 + i)
-    k = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])) + 0.3, jnp.float32)
-    v = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])), jnp.float32)
-    lengths = jnp.asarray([c["s"], c["s"] // 3 + 1, 1], jnp.int32)
-    cache = C.prefill(C.init_cache(cfg, b, kh, c["s"]), k, v, lengths)
-    q = jnp.asarray(r.standard_normal((b, kh * c["g"], c["d"])) * 2, jnp.float32)
-    kw = dict(soft_cap=c.get("cap"), sliding_window=c.get("win"))
-    ref = jax.jit(lambda cache, q: C.attention(cache, q, implementation="xla", **kw))(cache, q)
-    got = jax.jit(lambda cache, q: dispatch.attention(cache, q, **kw))(cache, q)
-    got = np.asarray(got)
-    e = rel_err(got, ref)
-    row = dict(case=c, rel_err=e, nan=bool(np.isnan(got).any()))
-    log(f"check {c}: rel_err={e:.2e} nan={row['nan']}")
-    out.append(row)
+    e, nan = check_case(c, i)
+    log(f"check {c}: rel_err={e:.2e} nan={nan}")
+    out.append(dict(case=c, rel_err=e, nan=nan))
   return out
 
 

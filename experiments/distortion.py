@@ -117,8 +117,8 @@ def markdown(rows: list[dict], dim: int, samples: int, seeds: int, device: str, 
   lines += [
       "",
       "TurboQuant_prod (b − 1 codebook bits + 1 QJL bit): D_prod = E(⟨q, x⟩ − est)² for independent unit "
-      f"q, x (mean ± SE), and the same times d (= error variance·d/‖q‖²). Bounds (paper): "
-      f"(1/d)·4^−b ≤ D_prod ≤ (√3π²/d)·4^−b. QJL bound: (π/(2d))·D_mse(b − 1), D_mse(0) = 1, the "
+      "q, x (mean ± SE), and the same times d (= error variance·d/‖q‖²). Bounds (paper): "
+      "(1/d)·4^−b ≤ D_prod ≤ (√3π²/d)·4^−b. QJL bound: (π/(2d))·D_mse(b − 1), D_mse(0) = 1, the "
       "variance of the Gaussian sketch with m = d rows. Bias: mean of est − ⟨q, x⟩ (± SE).",
       "",
       "| bits | D_prod orthogonal S | ·d | D_prod Gaussian S | ·d | lower (1/d)·4^−b | upper (√3π²/d)·4^−b "

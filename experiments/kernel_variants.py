@@ -18,11 +18,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_decode import bench, cache_read_bytes, copy_bandwidth, cudnn_attention, random_cache, rel_err  # noqa: E402
+from experiments.bench_decode import (  # noqa: E402
+    CONFIGS, bench, cache_read_bytes, check_case, copy_bandwidth, cudnn_attention, random_cache)
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 
@@ -39,25 +39,13 @@ VARIANTS = {  # (forms measured on 2026-11-27 and removed from the kernel are in
     "tf32 st4 no_values": dict(num_stages=4, variant="no_values"),
 }
 
-CONFIGS = {
-    "K3/V3": dict(k_bits=3, v_bits=3),
-    "K4/V4": dict(k_bits=4, v_bits=4),
-    "K3prod/V3": dict(k_bits=3, v_bits=3, k_variant="prod"),
-}
 
 
 def check(cfg_kw: dict, options: dict) -> float:
-  """Relative error of the compiled variant vs the float32 XLA oracle on prefilled random data."""
-  cfg = C.CacheConfig(head_dim=128, norm_dtype="float32", **cfg_kw)
-  r = np.random.default_rng(5)
-  b, kh, s = 2, 2, 3001
-  k = jnp.asarray(r.standard_normal((b, kh, s, 128)) + 0.3, jnp.float32)
-  v = jnp.asarray(r.standard_normal((b, kh, s, 128)), jnp.float32)
-  cache = C.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray([s, 1234], jnp.int32))
-  q = jnp.asarray(r.standard_normal((b, 4 * kh, 128)) * 2, jnp.float32)
-  ref = jax.jit(lambda c, q: C.attention(c, q, implementation="xla"))(cache, q)
-  got = np.asarray(jax.jit(lambda c, q: dispatch.attention(c, q, **options))(cache, q))
-  return float("nan") if np.isnan(got).any() else rel_err(got, ref)
+  """Relative error of the compiled variant vs the float32 XLA oracle (NaN if it produced any)."""
+  case = dict(d=128, kb=cfg_kw["k_bits"], vb=cfg_kw["v_bits"], var=cfg_kw["k_variant"], g=4, s=3001)
+  err, nan = check_case(case, 5, **options)
+  return float("nan") if nan else err
 
 
 def main(argv=None) -> None:

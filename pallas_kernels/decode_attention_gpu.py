@@ -45,7 +45,6 @@ R = G·T query rows of one kv head, Rp = R padded, W = D / 32 words per packed r
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

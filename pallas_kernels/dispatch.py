@@ -94,37 +94,42 @@ def _encode_backend(backend: str) -> tuple[bool, str]:
   return False, f"no fused encode kernel for backend {backend!r} (the XLA encode runs there)"
 
 
-def _dtypes(dtypes) -> tuple:
-  return (None,) if dtypes is None else tuple(dtypes) if isinstance(dtypes, (tuple, list)) else (dtypes,)
-
-
-def prefill_supports(cache, backend: str | None = None, dtypes=None) -> tuple[bool, str]:
-  """(True, "") if the fused encode kernel does every encode of a prefill of `cache` (with k/v of
-  `dtypes`, if given) on `backend` (default: JAX's), else (False, why)."""
-  ok, why = _encode_backend(backend or _backend())
+def _encode_support(tq, dtypes, backend: str) -> tuple[bool, str]:
+  """(True, "") if the encode kernel encodes with quantizer `tq` inputs of every dtype in `dtypes`
+  (a tuple; None: any supported dtype) on `backend`, else (False, why)."""
+  ok, why = _encode_backend(backend)
   if not ok:
     return ok, why
   from pallas_kernels import encode_gpu  # noqa: PLC0415
 
+  for dtype in (None,) if dtypes is None else dtypes:
+    ok, why = encode_gpu.supported(tq, dtype)
+    if not ok:
+      return False, why
+  return True, ""
+
+
+def prefill_supports(cache, backend: str | None = None, dtypes=None) -> tuple[bool, str]:
+  """(True, "") if the fused encode kernel does every encode of a prefill of `cache` (with k/v of
+  `dtypes`, a tuple, if given) on `backend` (default: JAX's), else (False, why)."""
+  backend = backend or _backend()
+  ok, why = _encode_backend(backend)
+  if not ok:
+    return ok, why
   if cache.config.outlier_channels:
     return False, f"outlier_channels={cache.config.outlier_channels} (the encode kernel has no channel split)"
   for name, store in (("keys", cache.k), ("values", cache.v)):
-    for dtype in _dtypes(dtypes):
-      ok, why = encode_gpu.supported(store.quantizer, dtype)
-      if not ok:
-        return False, f"{name}: {why}"
+    ok, why = _encode_support(store.quantizer, dtypes, backend)
+    if not ok:
+      return False, f"{name}: {why}"
   return True, ""
 
 
 def default_prefill_implementation(cache, dtypes=None) -> str:
   """"pallas" where the encode kernel can do some of a prefill's encodes on this backend, else "xla"."""
-  if not _encode_backend(_backend())[0] or cache.config.outlier_channels:
+  if cache.config.outlier_channels:
     return "xla"
-  from pallas_kernels import encode_gpu  # noqa: PLC0415
-
-  some = any(
-      all(encode_gpu.supported(store.quantizer, dt)[0] for dt in _dtypes(dtypes)) for store in (cache.k, cache.v)
-  )
+  some = any(_encode_support(store.quantizer, dtypes, _backend())[0] for store in (cache.k, cache.v))
   return "pallas" if some else "xla"
 
 
@@ -154,7 +159,7 @@ def prefill(
       raise ValueError(f'implementation="pallas" is not available for this prefill: {why}')
 
   def encoder(tq, x, mean=None):
-    if xla_fallback and not (_encode_backend(backend)[0] and encode_gpu.supported(tq, x.dtype)[0]):
+    if xla_fallback and not _encode_support(tq, (x.dtype,), backend)[0]:
       return tq_cache.encode_tokens(tq, x, mean)
     return encode_gpu.encode(tq, x, mean, interpret=interpret, **kernel_options)
 

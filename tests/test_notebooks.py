@@ -6,7 +6,6 @@ benchmark, no real data) print a line starting with "[skipped]"; those lines are
 warnings so a green run still says what it did not cover.
 """
 
-import os
 import time
 import warnings
 from pathlib import Path

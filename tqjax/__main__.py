@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['cos']:6.4f} | {r['corr']:7.4f} | {r['bias']:+.4f} (±{r['bias_se']:.4f}) | {r['ip_var']:10.4f} | "
             f"{r['bound']:.4f}{' ok' if bound_of <= r['bound'] else ' OVER'} |"
         )
-  print(f"\nLloyd–Max optimum at d=128 (total squared error): "
+  print("\nLloyd–Max optimum at d=128 (total squared error): "
         + ", ".join(f"b={b}: {tqjax.distortion(b, 128):.4f}" for b in (1, 2, 3, 4))
         + f"  (paper, d→∞: 0.3634, 0.1175, 0.0345, 0.0095). Took {time.perf_counter() - start:.1f} s.")
 
