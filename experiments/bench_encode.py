@@ -3,7 +3,7 @@ Pallas encode kernel) and each XLA encode stage, against a bf16 read + write of 
 issue's target: encode ≤ 2× that copy).
 
 Run: PYTHONPATH=. python experiments/bench_encode.py [--quick] [--sweep]
---sweep adds kernel-option rows (block_t, num_warps, blocks per program, precision) for tuning,
+--sweep adds kernel-option rows (block_t, num_warps, num_stages, precision) for tuning,
 on centred keys (the heavier path: x − mean is split into two bf16 dot operands).
 On CPU (--quick) the kernel runs in Pallas interpret mode: its rows check plumbing, not speed.
 Writes experiments/results/bench_encode_<device>_<date>.md (not with --quick).
@@ -51,6 +51,9 @@ def main(argv=None) -> None:
     print(f"{name:55s} {us:10.1f} µs", flush=True)
 
   row("bf16 read+write of K and V (k + 1, v + 1)", lambda k, v: (k + 1, v + 1), [(kk, vv)])
+  count = jnp.full((b,), t, jnp.int32)
+  row("key mean alone (prefill's centring: a float32 sum over tokens)",
+      lambda k: C._masked_mean(k.astype(jnp.float32), count), [(kk,)])
   for bits in (4, 3):
     cfg = C.CacheConfig(head_dim=d, k_bits=bits, v_bits=bits)
     empty = C.init_cache(cfg, b, kh, t)
@@ -70,13 +73,21 @@ def main(argv=None) -> None:
   mean = jnp.mean(kk.astype(jnp.float32), axis=2)
   row(f"encode K alone, 3-bit mse+nc, fused kernel, centred (mean input){tag}",
       lambda x, m: encode_gpu.encode(tq, x, m, interpret=interpret), [(kk, mean)])
+  row(f"encode V alone, 3-bit mse+nc, fused kernel{tag}", lambda x: encode_gpu.encode(tq, x, interpret=interpret),
+      [(vv,)])
+  code = encode_gpu.encode(tq, kk, mean, interpret=interpret)
+  store = C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), b, kh, t).k.main
+  ok = jnp.ones((b, t), bool)
+  row("write K's codes and scales into the cache (prefill's slice update)",
+      lambda c, n, src: jax.tree_util.tree_map(lambda dst, x: C.write_prefix(dst, x, ok), (c, n), src),
+      [(store.codes, store.norms, (code.codes, code.norms))])
   if args.sweep:
     tq4 = quantizer.make_quantizer(d, 4, "mse", norm_correction=True, norm_dtype="float16")
     for bt in (64, 128):  # 32 rows would leave half of each 64-row wgmma idle with 4 warps
       for nw in (4, 8):
-        for bpp in (1, 4):
+        for stages in (2, 3):
           for prec in ("high", "tf32"):
-            opts = dict(block_t=bt, num_warps=nw, blocks_per_program=bpp, precision=prec)
+            opts = dict(block_t=bt, num_warps=nw, num_stages=stages, precision=prec)
             name = ", ".join(f"{k}={v}" for k, v in opts.items())
             try:
               row(f"encode K alone, 4-bit, centred, kernel {name}{tag}",

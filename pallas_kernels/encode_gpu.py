@@ -11,8 +11,10 @@ How one block is encoded without reshapes, gathers or value slices (Triton's rul
 
 * The rotation enters as P [d, d] in "kernel order": column j = w·32 + s holds row s·W + w of Π,
   i.e. the coordinate that `tqjax.packing` puts in slot s of column w (W = d/32). So the dot of
-  the block with the ref slice P[:, w·32:(w+1)·32] is y for column w, slots 0..31, as a [BT, 32]
-  tile: each tile holds exactly the 32 codes that share packed words of column w.
+  the block with the ref slice P[:, w·32 + s0 : w·32 + s0 + n] is y for column w, slots
+  s0 .. s0 + n − 1, as a [BT, n] tile. mse quantizers take n = 16 (half a column, wgmma N = 16)
+  and loop over the W columns (`fori_loop`), so Triton prefetches the next column's P tiles
+  (software pipelining, num_stages = 2); prod quantizers take whole columns (n = 32), unrolled.
 * Dots: precision="high" (default) splits P into bf16 hi + lo parts (and x too unless it is
   bf16), 2-3 bf16 dots with float32 accumulation, ~2^-16 relative error; precision="tf32" is
   one TF32 dot (~2^-11). Per-row scaling by 1/‖x‖ comes after the dot. A mean is subtracted
@@ -24,23 +26,37 @@ How one block is encoded without reshapes, gathers or value slices (Triton's rul
   h + m for y > 0 and h − 1 − m for y ≤ 0 (h = 2^(b−1)), where m counts the positive boundaries
   below |y| (strictly, for y > 0) or at or below |y| (for y ≤ 0). Adding 1 to the bits of |y|
   when y ≤ 0 (the next float up) makes both a strict count: h − 1 compares instead of 2^b − 1,
-  ties on a boundary resolved exactly like `searchsorted(side="left")`.
-* Norm correction: ĉ² depends only on m, so the same compares step it from c_h² to c_{h+m}²
-  (no gather); Σĉ² accumulates per row and ‖x‖/‖ŷ‖ is the stored scale.
+  ties on a boundary resolved exactly like `searchsorted(side="left")`. m is counted in float32
+  from 2^23 (compare → 0/1, add), so its bits are 0x4B000000 + m and the code's bits come from
+  two bitwise ops with the y ≤ 0 mask, no float-to-int conversion.
+* Norm correction: ĉ² depends only on m, so the same 0/1 steps step it from c_h² to c_{h+m}²
+  (no gather); it accumulates per element over the block's tiles and is summed per row once;
+  ‖x‖/‖ŷ‖ is the stored scale.
 * Pack: a part of width p takes field (code >> offset) & (2^p − 1) of slot s to bit
-  (s mod 32/p)·p of row s // (32/p); each packed word is a masked sum over the 32-wide axis
-  (fields are disjoint), stored as its own column of the [BT, b·W] output block (b·W is often
-  not a power of two, so there is no 2-D code tile to store).
-* QJL (prod): the same compares step ±c_{h+m} too, so r = y − ŷ stays in the [BT, 32] tiles;
-  the sketch S·r comes out in kernel order too (S permuted on both axes outside), one [BT, 32]
-  tile per sign word column, as Σ_w r_w @ S[w-tile, c-tile] (K = N = 32 dots); bit j is
-  S·r ≥ 0, one unmasked sum per word.
-* Non-finite rows: y is replaced by 0 (the zero direction's codes) and the scale is NaN. Zero
-  rows give y = 0 exactly and scale 0; rows whose ‖x‖² underflows or overflows in float32 follow
-  the XLA path too (x / 1 resp. x / inf before quantizing, scale 0 resp. inf), except that with
-  a mean a row with ‖x − mean‖ = 0 in float32 (equal to the mean, or underflowing) gets the zero
+  (s mod 32/p)·p of row s // (32/p): per tile, the terms field·2^bit of each row it touches
+  (`_pack_terms`) are summed over the column's tiles and then over slots (fields are disjoint,
+  so sums are ORs); row r's word of column w goes to column r·W + w of one [BT, 2^⌈log2(b·W)⌉]
+  word tile, stored once per block with a column mask (b·W is often not a power of two).
+* QJL (prod): the same steps give ±c_{h+m} too, so r = y − ŷ stays in the [BT, 32] tiles; the
+  sketch S·r comes out in kernel order too (S permuted on both axes outside), one [BT, 32] tile
+  per sign word column, as Σ_w r_w @ S[w-tile, c-tile] (K = N = 32 dots); bit j is S·r ≥ 0, one
+  unmasked sum per word; the sign words are stored as one tile like the codes.
+* Non-finite rows (some x ±inf or NaN: max |x| = inf, or Σx² NaN; Triton's max on the GPU need
+  not propagate NaN) get the zero direction's codes and scale NaN: mse quantizers multiply y by
+  NaN there (NaN fails every compare, so it quantizes exactly like 0: one select less per
+  coordinate), prod quantizers set y = 0 (their residual must be that of y = 0). Zero rows give
+  y = 0 exactly and scale 0; rows whose ‖x‖² underflows or overflows in float32 follow the XLA
+  path too (x / 1 resp. x / inf before quantizing, scale 0 resp. inf), except that with a mean a
+  row with ‖x − mean‖ = 0 in float32 (equal to the mean, or underflowing) gets the zero
   direction's codes (the XLA path quantizes the unscaled x − mean); both decode to zeros.
 * N not a multiple of BT: masked loads (other=0) and masked stores.
+
+Speed (experiments/results/bench_encode_*, kernel_notes.md): a prefill's K3/V3 encode + cache
+write takes 3.3x a bf16 read + write of K and V on an H200 (2026-11-28; 3.4x before this form).
+The kernel is latency-bound, not issue-bound: Nsight Compute on an H100 (3-bit centred keys)
+showed 0.48 instructions issued per cycle per scheduler at 16 warps per SM (114 registers), its
+stalls mostly on global loads, barriers and shared memory; the unrolled form of the column loop
+executed 17 % fewer instructions (44 against 53 per coordinate) in the same time.
 
 Letters: G groups (leading dims that share a mean), T tokens per group, d dim, W = d/32 words
 per packed row, m QJL sketch rows, Wm = m/32, BT tokens per block, b codebook bits.
@@ -65,6 +81,7 @@ from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
 
 LANES = packing.WORD_BITS  # 32 slots per packed word
+TILE = 16  # slots per quantize/pack tile: half a packed column (wgmma N = 16); prod: a whole column
 DIMS = (32, 64, 128, 256)
 MAX_BITS = 4  # codebook bits (prod: total bits − 1)
 MAX_SKETCH = 512
@@ -138,48 +155,55 @@ def _dot_operands(x, split: bool, precision: str):
   return [(x, 1), (x, 0)]  # x exact in bfloat16
 
 
-def _quantize_tile(y, bits, bounds, levels, squares, want_square: bool, want_centroid: bool):
-  """Codes of y [BT, 32] float32 (uint32, `searchsorted(boundaries, y, side="left")`), and if asked
-  the squared centroids ĉ² and the centroids ĉ themselves (float32 [BT, 32])."""
+def _quantize_tile(y, bits, bounds, levels, squares, sq=None, want_centroid: bool = False):
+  """Codes of y [BT, n] float32 (uint32, `searchsorted(boundaries, y, side="left")`); with `sq`
+  (float32 [BT, n]) also sq + ĉ² − c_h² (an accumulator of squared centroids, offset by c_h² per
+  tile), and if asked the centroids ĉ themselves (float32 [BT, n])."""
   h = 2 ** (bits - 1)
   # |y|, moved one float up when y ≤ 0, so "> b" counts b < y resp. b ≤ |y| (module docstring).
-  pos = y > 0
-  ybits = lax.bitcast_convert_type(y, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
-  mag = lax.bitcast_convert_type(ybits + jnp.where(pos, jnp.uint32(0), jnp.uint32(1)), jnp.float32)
-  # m, c_{h+m}² and c_{h+m} by accumulating 0/1 steps: float compares that yield 1.0/0.0 (FSET)
-  # and FMAs, no predicates kept alive (select chains measured ~1.5x the SASS at 4 bits).
-  m = jnp.zeros(y.shape, jnp.float32)
-  sq = jnp.full(y.shape, squares[0], jnp.float32) if want_square else None
+  neg = jnp.where(y > 0, jnp.uint32(0), jnp.uint32(0xFFFFFFFF))  # all ones for y ≤ 0 (and NaN)
+  ybits = lax.bitcast_convert_type(y, jnp.uint32)
+  mag = lax.bitcast_convert_type((ybits - neg) & jnp.uint32(0x7FFFFFFF), jnp.float32)  # +1 ulp when y ≤ 0
+  # m counts in float32 from 2^23 (FSET 0/1 steps, FADDs): its bits are then 0x4B000000 + m, so
+  # the code's low bits need no float-to-int conversion; ĉ² and ĉ step along with FFMAs.
+  m = jnp.full(y.shape, 2.0**23, jnp.float32)
   level = jnp.full(y.shape, levels[0], jnp.float32) if want_centroid else None
   for j, bound in enumerate(bounds):
     step = (mag > bound).astype(jnp.float32)
     m = m + step
-    if want_square:
+    if sq is not None:
       sq = sq + step * (squares[j + 1] - squares[j])
     if want_centroid:
       level = level + step * (levels[j + 1] - levels[j])
-  mi = m.astype(jnp.int32)
-  code = jnp.where(pos, h + mi, (h - 1) - mi).astype(jnp.uint32)
-  chat = jnp.where(pos, level, -level) if want_centroid else None
+  mbits = lax.bitcast_convert_type(m, jnp.uint32)
+  low = (mbits ^ neg) & jnp.uint32(h - 1)  # m for y > 0, h − 1 − m for y ≤ 0
+  code = (~neg & jnp.uint32(h)) | low
+  chat = jnp.where(neg == 0, level, -level) if want_centroid else None
   return code, sq, chat
 
 
-def _pack_tile(code, bits: int):
-  """[(packed row, word [BT, 1] uint32)] of the codes [BT, 32] of one column (slots 0..31)."""
-  slot = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+def _pack_terms(code, bits: int, s0: int):
+  """[(packed row, terms [BT, n] uint32)] of codes [BT, n] in slots s0 .. s0 + n − 1 of a column:
+  row r's word is the sum of its terms over these slots (and the column's other slots)."""
+  n = code.shape[-1]
+  slot = s0 + lax.broadcasted_iota(jnp.int32, (1, n), 1)
   out = []
   for p, offset, row0 in packing.parts(bits):
     per_word = LANES // p
     field = code if p == bits else (code >> jnp.uint32(offset)) & jnp.uint32(2**p - 1)
-    shifted = field << ((slot % per_word) * p).astype(jnp.uint32)
-    for r in range(p):
-      sel = shifted if p == 1 else jnp.where(slot // per_word == r, shifted, jnp.uint32(0))
-      out.append((row0 + r, jnp.sum(sel, axis=1, dtype=jnp.uint32, keepdims=True)))  # disjoint: sum = OR
+    for r in range(s0 // per_word, (s0 + n - 1) // per_word + 1):
+      mult = jnp.where(slot // per_word == r, jnp.uint32(1) << ((slot % per_word) * p).astype(jnp.uint32),
+                       jnp.uint32(0))
+      out.append((row0 + r, field * mult))  # fields are disjoint: sums are ORs
   return out
 
 
-def _store_col(ref, r0, block_t, col, word, row_ok):
-  pltriton.store(ref.at[pl.ds(r0, block_t), pl.ds(col, 1)], word, mask=row_ok[:, None])
+def _store_tile(ref, r0, tile, row_ok):
+  """Stores words [BT, n] (n: ref's column count rounded up to a power of two) into rows r0 .. r0 + BT."""
+  ncols = ref.shape[-1]
+  col = lax.broadcasted_iota(jnp.int32, (1, tile.shape[1]), 1)
+  pltriton.store(ref.at[pl.ds(r0, tile.shape[0]), pl.ds(0, tile.shape[1])], tile,
+                 mask=row_ok[:, None] & (col < ncols))
 
 
 def tq_encode_kernel(
@@ -208,7 +232,6 @@ def tq_encode_kernel(
   qjl = signs_ref is not None
   split_x = x_ref.dtype != jnp.bfloat16
   mean = mean_ref[...][None, :] if mean_ref is not None else None
-  slot = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
   first = pl.program_id(0) * (block_t * blocks_per_program)
 
   def block(i, carry):
@@ -219,8 +242,11 @@ def tq_encode_kernel(
     xc = x_in.astype(jnp.float32)
     if mean is not None:
       xc = xc - mean
-    norm = jnp.sqrt(jnp.sum(xc * xc, axis=1))
-    finite = jnp.sum(jnp.where(jnp.isfinite(xc), 0.0, 1.0), axis=1) == 0.0
+    norm2 = jnp.sum(xc * xc, axis=1)
+    norm = jnp.sqrt(norm2)
+    # No ±inf (max of |x|) and no NaN (a sum of squares is NaN only from a NaN): robust whether or
+    # not the backend's max propagates NaN (Triton's on GPU need not).
+    finite = (jnp.max(jnp.abs(x_in), axis=1) < jnp.inf) & (norm2 == norm2)
     inv = 1.0 / jnp.where(finite & (norm > 0), norm, 1.0)  # as the XLA path: x / (‖x‖ or 1)
     # The dots take x itself (exact in bfloat16: no split) and the mean is subtracted after them,
     # rotated; x − mean feeds only the norm and the finiteness check.
@@ -229,48 +255,72 @@ def tq_encode_kernel(
     # Rows quantized as the zero direction: non-finite ones, and with a mean those with
     # ‖x − mean‖ = 0 (x·P − mean·P would be rounding noise there, not 0).
     keep = finite & (norm > 0) if mean is not None else finite
+    inv_nan = jnp.where(keep, inv, jnp.nan)
 
-    sq_sum = jnp.zeros((block_t,), jnp.float32)
-    r_sum = jnp.zeros((block_t,), jnp.float32)
+    # Norm correction: Σĉ² accumulates per element over the tiles (from c_h² per tile), summed once.
+    # Prod keys take whole 32-slot columns: their sketch dots then have K = 32 (half as many dots).
+    tile = LANES if qjl else TILE
+    sq = jnp.full((block_t, tile), squares[0] * (d // tile), jnp.float32) if norm_correction else None
+    n_words = pl.next_power_of_2(codes_ref.shape[-1]) if bits else 1
+    word_col = lax.broadcasted_iota(jnp.int32, (1, n_words), 1)
+
+    def column(w, words, sq, residuals):
+      """Column w (static or traced) of the block: its packed words put into words [BT, n_words], Σĉ²
+      accumulated into sq, and (prod) its y − ŷ tiles appended to the list residuals."""
+      terms = {}  # packed row → [BT, tile] terms of column w's word, summed over its tiles
+      for s0 in range(0, LANES, tile):
+        cols = pl.ds(w * LANES + s0, tile)
+        acc = None
+        for a, k in operands:
+          part = _dot(a, p_refs[k][:, cols])
+          acc = part if acc is None else acc + part
+        if mean is not None:
+          acc = acc - mrot_ref[cols][None, :]
+        if qjl:  # [BT, tile]: column w, slots s0 .. s0 + tile − 1
+          y = jnp.where(keep[:, None], acc * inv[:, None], 0.0)
+        else:  # NaN where not kept: quantizes exactly like 0 (no compare holds), one select less
+          y = acc * inv_nan[:, None]
+        if bits:
+          code, sq, chat = _quantize_tile(y, bits, bounds, levels, squares, sq, qjl)
+          for row, t in _pack_terms(code, bits, s0):
+            terms[row] = t if row not in terms else terms[row] + t
+        if qjl:
+          residuals.append(y - chat if bits else y)  # r = y − ŷ
+      for row, t in terms.items():
+        words = jnp.where(word_col == row * width + w, jnp.sum(t, axis=1, dtype=jnp.uint32)[:, None], words)
+      return words, sq
+
+    words = jnp.zeros((block_t, n_words), jnp.uint32)
     residuals = []
-    for w in range(width):
-      cols = pl.ds(w * LANES, LANES)
-      p_tiles = [ref[:, cols] for ref in p_refs]  # [d, 32] each, loaded once per column
-      acc = None
-      for a, k in operands:
-        part = _dot(a, p_tiles[k])
-        acc = part if acc is None else acc + part
-      if mean is not None:
-        acc = acc - mrot_ref[pl.ds(w * LANES, LANES)][None, :]
-      y = jnp.where(keep[:, None], acc * inv[:, None], 0.0)  # [BT, 32]: column w, slots 0..31
-
-      if bits:
-        code, sq, chat = _quantize_tile(y, bits, bounds, levels, squares, norm_correction, qjl)
-        if norm_correction:
-          sq_sum = sq_sum + jnp.sum(sq, axis=1)
-        for row, word in _pack_tile(code, bits):
-          _store_col(codes_ref, r0, block_t, row * width + w, word, row_ok)
-      if qjl:
-        res = y - chat if bits else y  # r = y − ŷ
-        r_sum = r_sum + jnp.sum(res * res, axis=1)
-        residuals.append(res)
+    if qjl:  # unrolled: the sketch needs every column's residual tiles
+      for w in range(width):
+        words, sq = column(w, words, sq, residuals)
+    else:  # a loop over columns: Triton prefetches the next column's rotation tiles (software pipelining)
+      words, sq = lax.fori_loop(0, width, lambda w, c: column(w, *c, None), (words, sq))
+    if bits:
+      _store_tile(codes_ref, r0, words, row_ok)
 
     scale = jnp.where(finite, norm, jnp.nan)
     if norm_correction:
-      scale = scale / jnp.sqrt(sq_sum)
+      scale = scale / jnp.sqrt(jnp.sum(sq, axis=1))
     pltriton.store(norms_ref.at[pl.ds(r0, block_t)], scale.astype(norms_ref.dtype), mask=row_ok)
 
     if qjl:
+      r_sum = sum(jnp.sum(res * res, axis=1) for res in residuals)
       r_ops = [_dot_operands(res, True, precision) for res in residuals]
+      slot = lax.broadcasted_iota(jnp.uint32, (1, LANES), 1)
+      sign_col = lax.broadcasted_iota(jnp.int32, (1, pl.next_power_of_2(signs_ref.shape[-1])), 1)
+      signs = jnp.zeros((block_t, sign_col.shape[1]), jnp.uint32)
       for c in range(signs_ref.shape[-1]):
         z = None  # [BT, 32]: S·r for sign column c, slots 0..31
-        for w in range(width):
-          s_tiles = [ref[pl.ds(w * LANES, LANES), pl.ds(c * LANES, LANES)] for ref in s_refs]
-          for a, k in r_ops[w]:
+        for t, ops in enumerate(r_ops):
+          s_tiles = [ref[pl.ds(t * tile, tile), pl.ds(c * LANES, LANES)] for ref in s_refs]
+          for a, k in ops:
             part = _dot(a, s_tiles[k])
             z = part if z is None else z + part
-        bit = jnp.where(z >= 0, jnp.uint32(1), jnp.uint32(0)) << slot.astype(jnp.uint32)
-        _store_col(signs_ref, r0, block_t, c, jnp.sum(bit, axis=1, dtype=jnp.uint32, keepdims=True), row_ok)
+        word = jnp.sum(jnp.where(z >= 0, jnp.uint32(1) << slot, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+        signs = jnp.where(sign_col == c, word[:, None], signs)
+      _store_tile(signs_ref, r0, signs, row_ok)
       pltriton.store(rnorms_ref.at[pl.ds(r0, block_t)], jnp.sqrt(r_sum).astype(rnorms_ref.dtype), mask=row_ok)
     return carry
 
@@ -303,10 +353,11 @@ def supported(tq: Quantizer, dtype=None) -> tuple[bool, str]:
 def default_block_t(dim: int, tokens: int) -> int:
   """64 tokens per block (128 for d = 32), fewer for short inputs (≥ 16 rows for the dots).
 
-  64 rows fill one warpgroup's wgmma (M = 64) with the default 4 warps. Chosen by ptxas register
-  and SASS counts for sm_90a (Triton 3.9, offline): at d = 128, BT = 64 uses ~100-130 registers
-  and ~50-60 instructions per coordinate; BT = 32 wastes half of each wgmma (~2x the SASS per
-  coordinate); d = 256 at BT = 64 needs ~220 registers (bf16 input) and spills for float32.
+  64 rows fill one warpgroup's wgmma (M = 64) with the default 4 warps; BT = 32 would waste half
+  of each wgmma. On an H100 (2026-11-28, 3-bit centred keys, d = 128) BT = 64 with 4 warps and
+  BT = 128 with 8 warps ran within 5 % of each other; BT = 128 with 4 warps, BT = 256, 8 warps at
+  BT = 64 and num_stages = 3 were 10-90 % slower. Offline (ptxas for sm_90a, Triton 3.9) d = 128
+  takes 87-141 registers, d = 256 133, float32 input 152, none spills.
   """
   bt = 128 if dim <= 32 else 64
   while bt > 16 and bt // 2 >= tokens:
@@ -338,8 +389,9 @@ def encode(
   {32, 64, 128, 256}; a code (or QJL sign) can differ only for a coordinate within dot rounding
   (see `precision`) of a codebook boundary (of zero).
   block_t: tokens per block (power of two ≥ 16); blocks_per_program: blocks one program loops
-  over (software-pipelined with num_stages when > 1); poison: outputs start as 0xFFFFFFFF / NaN
-  (tests: anything the kernel leaves unwritten shows).
+  over; num_stages: Triton's software-pipelining depth (default 2: mse quantizers loop over the
+  packed columns and prefetch the next column's rotation tiles); poison: outputs start as
+  0xFFFFFFFF / NaN (tests: anything the kernel leaves unwritten shows).
   """
   _check_vectors(tq, x, "x")
   ok, why = supported(tq, x.dtype)
@@ -431,9 +483,7 @@ def encode(
     args += [jnp.full(s.shape, out_shape[n][2], s.dtype) for n, s in zip(names, shapes)]
     in_specs += out_specs
 
-  params = dict(num_warps=num_warps)
-  if num_stages is not None:
-    params["num_stages"] = num_stages
+  params = dict(num_warps=num_warps, num_stages=2 if num_stages is None else num_stages)
   outs = pl.pallas_call(
       kernel_wrapper,
       grid=(pl.cdiv(tokens, rows), groups),

@@ -117,6 +117,21 @@ def test_chunked_causal_and_bidirectional():
     assert _rel(out, ref) < 2e-5
 
 
+@pytest.mark.parametrize("t, s", [(5, 9), (9, 9), (12, 9), (0, 9)])
+def test_write_prefix_equals_scatter(t, s):
+  """The prefill write (one slice update) == the general scatter at slots 0 .. T − 1, with ragged
+  ok, tokens past the capacity S dropped and the other slots keeping their (non-zero) contents."""
+  rng = np.random.default_rng(t)
+  dst = jnp.asarray(rng.integers(1, 2**32, (2, 3, s, 4), dtype=np.uint32))
+  src = jnp.asarray(rng.integers(0, 2**32, (2, 3, t, 4), dtype=np.uint32))
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+  ok = (pos < jnp.array([[t], [t // 2]])) & (pos < s)
+  np.testing.assert_array_equal(C.write_prefix(dst, src, ok), C.scatter_tokens(dst, src, pos, ok))
+  norms = jnp.asarray(rng.standard_normal((2, 3, s)), jnp.float16)
+  np.testing.assert_array_equal(C.write_prefix(norms, src[..., 0].astype(jnp.float16), ok),
+                                C.scatter_tokens(norms, src[..., 0].astype(jnp.float16), pos, ok))
+
+
 def test_prefill_equals_appends_and_scan_decode_loop():
   """prefill of T tokens == T single-token appends (bitwise), also inside lax.scan / while_loop."""
   b, kh, d, t = 2, 2, 32, 7

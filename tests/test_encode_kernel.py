@@ -249,18 +249,26 @@ def test_quantize_and_pack_tile_exact(bits):
   np.random.default_rng(bits).shuffle(vals)
   y = jnp.asarray(vals.reshape(16, 32))
   bounds, levels, squares = E._tables(bits, d)
-  code, sq, chat = E._quantize_tile(y, bits, bounds, levels, squares, True, True)
+  code, sq, chat = E._quantize_tile(y, bits, bounds, levels, squares, jnp.full(y.shape, squares[0]), True)
   want = np.asarray(quantize(cb, y)).astype(np.uint32)
   np.testing.assert_array_equal(np.asarray(code), want)
   c = np.asarray(cb.centroids, np.float32)
   np.testing.assert_allclose(np.asarray(chat), c[want], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.asarray(sq), c[want] * c[want], rtol=1e-6, atol=1e-8)
-  # One column (W = 1, d = 32 slots): row r of the packed code is word r.
-  words = dict(E._pack_tile(code, bits))
+  # NaN quantizes exactly like 0 (the kernel's non-kept rows): code h − 1, ĉ² = c_h².
+  nan_code, nan_sq, _ = E._quantize_tile(jnp.full((1, 16), jnp.nan), bits, bounds, levels, squares,
+                                         jnp.full((1, 16), squares[0]))
+  np.testing.assert_array_equal(np.asarray(nan_code), np.asarray(quantize(cb, jnp.zeros((1, 16)))))
+  np.testing.assert_array_equal(np.asarray(nan_sq), np.float32(squares[0]))
+  # One column (W = 1, d = 32 slots) in two 16-slot tiles: row r's word is the sum of its terms.
+  words = {}
+  for s0 in (0, E.TILE):
+    for r, terms in E._pack_terms(code[:, s0:s0 + E.TILE], bits, s0):
+      words[r] = words.get(r, 0) + np.asarray(terms).sum(axis=1, dtype=np.uint32)
   packed = np.asarray(packing.pack(jnp.asarray(want, jnp.uint8), bits))  # [16, bits]
   assert sorted(words) == list(range(bits))
   for r, word in words.items():
-    np.testing.assert_array_equal(np.asarray(word)[:, 0], packed[:, r])
+    np.testing.assert_array_equal(word, packed[:, r])
 
 
 # ----------------------------------------------------------------------------- interpret mode
