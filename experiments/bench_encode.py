@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.bench_decode import bench  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 from tqjax import codebook, packing, quantizer, rotation  # noqa: E402
-from pallas_kernels import dispatch, encode_gpu  # noqa: E402
+from pallas_kernels import dispatch, encode_gpu, encode_mgpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,6 +61,9 @@ def main(argv=None) -> None:
         lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
     row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), pallas{tag}",
         lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret), [(empty, kk, vv)])
+    if not interpret:  # kernel options select the Triton kernel (the default above is Mosaic GPU on Hopper)
+      row(f"prefill K{bits}/V{bits}, pallas with the Triton encode",
+          lambda c, k, v: dispatch.prefill(c, k, v, num_warps=4), [(empty, kk, vv)])
   cfg = C.CacheConfig(head_dim=d, k_bits=3, v_bits=3, k_variant="prod")
   empty = C.init_cache(cfg, b, kh, t)
   row("prefill K3 prod/V3, xla", lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
@@ -75,6 +78,10 @@ def main(argv=None) -> None:
       lambda x, m: encode_gpu.encode(tq, x, m, interpret=interpret), [(kk, mean)])
   row(f"encode V alone, 3-bit mse+nc, fused kernel{tag}", lambda x: encode_gpu.encode(tq, x, interpret=interpret),
       [(vv,)])
+  if not interpret:
+    row("encode K alone, 3-bit mse+nc, Mosaic GPU kernel, centred", lambda x, m: encode_mgpu.encode(tq, x, m),
+        [(kk, mean)])
+    row("encode V alone, 3-bit mse+nc, Mosaic GPU kernel", lambda x: encode_mgpu.encode(tq, x), [(vv,)])
   code = encode_gpu.encode(tq, kk, mean, interpret=interpret)
   store = C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), b, kh, t).k.main
   ok = jnp.ones((b, t), bool)
@@ -94,6 +101,12 @@ def main(argv=None) -> None:
                   lambda x, m, o=opts: encode_gpu.encode(tq4, x, m, interpret=interpret, **o), [(kk, mean)])
             except jax.errors.JaxRuntimeError as e:  # e.g. shared memory exceeded: a result, not a crash
               print(f"kernel {name}: failed to run: {str(e).splitlines()[0][:200]}", flush=True)
+    if not interpret:
+      for bits_, t_ in ((3, tq), (4, tq4)):
+        for wgs in (1, 2, 3):
+          for stages in (2, 3):
+            row(f"encode K alone, {bits_}-bit, centred, Mosaic GPU wgs={wgs} stages={stages}",
+                lambda x, m, w=wgs, s=stages, q=t_: encode_mgpu.encode(q, x, m, wgs=w, stages=s), [(kk, mean)])
   kf = kk.astype(jnp.float32)
   for prec in ("HIGHEST", "HIGH", "DEFAULT"):
     p = getattr(jax.lax.Precision, prec)

@@ -133,6 +133,21 @@ def default_prefill_implementation(cache, dtypes=None) -> str:
   return "pallas" if some else "xla"
 
 
+def _is_hopper() -> bool:
+  """True on an sm_90 GPU (H100/H200), where the Mosaic GPU encode kernel runs."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def _mosaic_encode(tq, x, mean) -> bool:
+  """Whether `encode_mgpu` (faster than the Triton kernel) takes this encode: Hopper, and an mse
+  quantizer, bfloat16 x and a multiple of 64 tokens per group."""
+  from pallas_kernels import encode_mgpu  # noqa: PLC0415
+
+  tokens = x.shape[-2] if mean is not None else x.size // x.shape[-1]
+  return _is_hopper() and encode_mgpu.supported(tq, x.dtype, tokens)[0]
+
+
 def prefill(
     cache,  # tqjax.cache.KVCache
     k,  # [B, K, T, D]
@@ -143,7 +158,9 @@ def prefill(
     interpret: bool = False,
     **kernel_options,
 ):
-  """`tqjax.cache.prefill` with the fused encode kernel (`pallas_kernels.encode_gpu.encode`).
+  """`tqjax.cache.prefill` with the fused encode kernels: `pallas_kernels.encode_mgpu.encode`
+(Mosaic GPU) where it applies on a Hopper GPU, else `pallas_kernels.encode_gpu.encode` (Triton),
+which kernel_options (block_t, num_warps, ...) and interpret=True select explicitly.
 
   xla_fallback=False (implementation="pallas"): raises ValueError naming the reason unless the
   kernel does every encode. xla_fallback=True (implementation=None): encodes the kernel does not
@@ -161,6 +178,10 @@ def prefill(
   def encoder(tq, x, mean=None):
     if xla_fallback and not _encode_support(tq, (x.dtype,), backend)[0]:
       return tq_cache.encode_tokens(tq, x, mean)
+    if not interpret and not kernel_options and _mosaic_encode(tq, x, mean):
+      from pallas_kernels import encode_mgpu  # noqa: PLC0415
+
+      return encode_mgpu.encode(tq, x, mean)
     return encode_gpu.encode(tq, x, mean, interpret=interpret, **kernel_options)
 
   return tq_cache.prefill_with_encoder(cache, k, v, lengths, encoder=encoder)

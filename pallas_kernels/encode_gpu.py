@@ -53,6 +53,7 @@ How one block is encoded without reshapes, gathers or value slices (Triton's rul
 
 Speed (experiments/results/bench_encode_*, kernel_notes.md): a prefill's K3/V3 encode + cache
 write takes 3.3x a bf16 read + write of K and V on an H200 (2026-11-28; 3.4x before this form).
+On Hopper, `encode_mgpu` (Mosaic GPU) replaces this kernel where it applies (`dispatch`).
 The kernel is latency-bound, not issue-bound: Nsight Compute on an H100 (3-bit centred keys)
 showed 0.48 instructions issued per cycle per scheduler at 16 warps per SM (114 registers), its
 stalls mostly on global loads, barriers and shared memory; the unrolled form of the column loop

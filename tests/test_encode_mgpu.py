@@ -1,0 +1,140 @@
+"""The Mosaic GPU encode kernel (pallas_kernels/encode_mgpu.py) against the XLA encode.
+
+Tiers: `math` (its quantizer and packing matrices, plain jnp/NumPy on CPU), `lowering` (Mosaic
+GPU lowering for an abstract H100, on CPU), `gpu` (compiled kernel, skipped without a GPU).
+Mosaic GPU has no interpret mode for multi-warpgroup kernels, so the kernel body itself runs only
+in the `gpu` tier; what "the same code" means is `test_encode_kernel._check`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import use_abstract_mesh
+
+from pallas_kernels import encode_gpu
+from pallas_kernels import encode_mgpu as M
+from test_encode_kernel import H100, HAS_GPU, _centred, _check, _inputs, _quantizer, _tols
+from tqjax import packing
+from tqjax import quantizer as Q
+from tqjax.codebook import make_codebook, quantize
+
+IS_HOPPER = HAS_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("d", M.DIMS)
+@pytest.mark.parametrize("bits", range(1, M.MAX_BITS + 1))
+def test_quantize_fields_and_pack_matrices_exact(d, bits):
+  """Fields · packing matrices (float64 here; exact in bf16 × bf16 → float32 too: integers below
+  2^16) give `packing.pack` of `codebook.quantize`, on every boundary ±1 float, ±0, denormals,
+  NaN (quantized like 0); Σ(ĉ² − c_h²) matches the centroids."""
+  cb = make_codebook(bits, d)
+  b = np.asarray(cb.boundaries, np.float32)
+  vals = np.concatenate([b, np.nextafter(b, np.float32(1)), np.nextafter(b, np.float32(-1)),
+                         np.float32([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0])])
+  vals = np.concatenate([vals, -vals])
+  rng = np.random.default_rng(bits + d)
+  y = rng.permutation(np.resize(vals, 8 * d)).reshape(8, d).astype(np.float32)
+  y[3, 7] = np.nan
+  bounds, _, squares = encode_gpu._tables(bits, d)
+  fields, sq = M.quantize_fields(jnp.asarray(y), bits, bounds, squares, jnp.zeros(y.shape, jnp.float32))
+  assert M.quantize_fields(jnp.asarray(y), bits, bounds, squares, None)[1] is None
+  want = np.asarray(quantize(cb, jnp.asarray(np.nan_to_num(y, nan=0.0)))).astype(np.int64)
+  parts = packing.parts(bits)
+  code = sum(np.asarray(f, np.int64) << offset for f, (_, offset, _) in zip(fields, parts))
+  np.testing.assert_array_equal(code, want)
+  for f, (p, _, _) in zip(fields, parts):  # fields are integers below 2^p: exact in bfloat16
+    assert np.all((np.asarray(f) >= 0) & (np.asarray(f) < 2**p))
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(f).astype(jnp.bfloat16), np.float32), np.asarray(f))
+  c = np.asarray(cb.centroids, np.float64)
+  np.testing.assert_allclose(np.asarray(sq, np.float64).sum(1), (c[want] ** 2 - squares[0]).sum(1), rtol=1e-6, atol=1e-6)
+  mats = M.pack_matrices(bits, d)
+  assert np.array_equal(np.asarray(jnp.asarray(mats, jnp.bfloat16), np.float32), mats)  # powers of two
+  halves = [sum(np.asarray(f, np.float64) @ mats[k, h] for k, f in enumerate(fields)) for h in (0, 1)]
+  assert all(np.all(hv < 2**16) for hv in halves)
+  words = halves[0].astype(np.uint64) | (halves[1].astype(np.uint64) << 16)
+  nw = packing.packed_words(d, bits)
+  np.testing.assert_array_equal(words[:, :nw].astype(np.uint32), np.asarray(packing.pack(jnp.asarray(want), bits)))
+  assert not words[:, nw:].any()
+
+
+@pytest.mark.math
+def test_supported_and_errors():
+  assert M.supported(Q.make_quantizer(128, 3), jnp.bfloat16, 4096) == (True, "")
+  for tq, dtype, tokens, why in (
+      (Q.make_quantizer(128, 3, "prod"), None, None, "variant='prod'"),
+      (Q.make_quantizer(256, 3), None, None, "dim=256"),
+      (Q.make_quantizer(128, 5), None, None, "bits=5"),
+      (Q.make_quantizer(128, 3), jnp.float32, None, "float32"),
+      (Q.make_quantizer(128, 3), jnp.bfloat16, 100, "100 tokens"),
+  ):
+    ok, reason = M.supported(tq, dtype, tokens)
+    assert not ok and why in reason, reason
+  with pytest.raises(ValueError, match="100 tokens"):
+    M.encode(Q.make_quantizer(128, 3), jnp.zeros((2, 100, 128), jnp.bfloat16), jnp.zeros((2, 128)))
+  with pytest.raises(ValueError, match="mean must be"):
+    M.encode(Q.make_quantizer(128, 3), jnp.zeros((2, 64, 128), jnp.bfloat16), jnp.zeros((64, 128)))
+
+
+LOWERING_CASES = [(d, bits, mean, wgs) for d in M.DIMS for bits in range(1, M.MAX_BITS + 1)
+                  for mean, wgs in ((False, 2), (True, 3 if bits == 4 else 2))]
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: f"d{c[0]}b{c[1]}{'-mean' if c[2] else ''}-wg{c[3]}")
+def test_lowers_for_h100(case):
+  d, bits, with_mean, wgs = case
+  tq = Q.make_quantizer(d, bits, norm_correction=bits % 2 == 0, norm_dtype="float16")
+  x = jax.ShapeDtypeStruct((2, 3, 640, d), jnp.bfloat16)
+  mean = jax.ShapeDtypeStruct((2, 3, d), jnp.float32) if with_mean else None
+  with use_abstract_mesh(H100):
+    jax.jit(functools.partial(M.encode, ctas=132, wgs=wgs)).trace(tq, x, mean).lower(lowering_platforms=("cuda",))
+
+
+GPU_CASES = [  # d, bits, norm correction, norm dtype, lead dims, mean, ctas
+    (128, 3, True, "float16", (4, 8, 1024), True, None),
+    (128, 4, True, "float16", (4, 8, 1024), False, None),
+    (128, 2, False, "float32", (3, 640), True, 7),  # fewer blocks per CTA than stages for some
+    (64, 1, True, "bfloat16", (2, 2, 192), True, 5),
+    (64, 4, False, "float32", (5, 64), False, 300),  # more warpgroups than blocks
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"d{c[0]}b{c[1]}-{c[3]}{'-mean' if c[5] else ''}")
+def test_gpu_compiled_matches_xla_encode(case):
+  d, bits, nc, nd, lead, with_mean, ctas = case
+  rng = np.random.default_rng(d + bits)
+  tq = _quantizer(d, bits, nc, nd, seed=bits)
+  x, mean = _inputs(rng, lead, d, jnp.bfloat16, with_mean)
+  got = jax.jit(functools.partial(M.encode, ctas=ctas))(tq, x, mean)
+  xc = jax.jit(_centred)(x, mean)
+  want = jax.jit(Q.encode)(tq, xc)
+  _check(tq, xc, got, want, **_tols("high", d, gpu=True), max_frac=1e-2, x=None if mean is None else x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+def test_gpu_prefill_default_is_the_mosaic_kernel():
+  from pallas_kernels import dispatch
+  from test_encode_kernel import _check_caches
+  from tqjax import cache as C
+
+  rng = np.random.default_rng(9)
+  cfg = C.CacheConfig(head_dim=128, k_bits=4, v_bits=3)
+  b, kh, t = 2, 4, 1024
+  k = jnp.asarray(rng.standard_normal((b, kh, t, 128)) + 0.5, jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((b, kh, t, 128)), jnp.bfloat16)
+  lengths = jnp.asarray([t, 777], jnp.int32)
+  empty = C.init_cache(cfg, b, kh, t + 64)
+  mean = jnp.zeros((b, kh, 128), jnp.float32)
+  assert dispatch._mosaic_encode(empty.k.quantizer, k, mean) and dispatch._mosaic_encode(empty.v.quantizer, v, None)
+  got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
+  want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
+  _check_caches(got, want, k, v, lengths, gpu=True)
