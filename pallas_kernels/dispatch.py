@@ -159,8 +159,8 @@ def prefill(
     **kernel_options,
 ):
   """`tqjax.cache.prefill` with the fused encode kernels: `pallas_kernels.encode_mgpu.encode`
-(Mosaic GPU) where it applies on a Hopper GPU, else `pallas_kernels.encode_gpu.encode` (Triton),
-which kernel_options (block_t, num_warps, ...) and interpret=True select explicitly.
+  (Mosaic GPU) where it applies on a Hopper GPU, else `pallas_kernels.encode_gpu.encode` (Triton),
+  which kernel_options (block_t, num_warps, ...) and interpret=True select explicitly.
 
   xla_fallback=False (implementation="pallas"): raises ValueError naming the reason unless the
   kernel does every encode. xla_fallback=True (implementation=None): encodes the kernel does not
