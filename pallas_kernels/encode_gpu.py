@@ -122,6 +122,18 @@ def _rotation_kernel_order(tq: Quantizer) -> jax.Array:
   return _to_kernel_order(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ it, kernel order
 
 
+def group_tokens(x: jax.Array, mean: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+  """x [..., T, d] with mean [..., d] → (x [G, T, d], mean [G, d] float32); without a mean, all
+  vectors x [..., d] form one group: (x [1, N, d], None). Raises ValueError on a mismatched mean."""
+  d = x.shape[-1]
+  if mean is None:
+    return x.reshape(1, math.prod(x.shape[:-1]), d), None
+  if x.ndim < 2 or mean.shape != (*x.shape[:-2], d):
+    raise ValueError(f"mean must be [..., d] = {(*x.shape[:-2], d)} for x {x.shape}, got {mean.shape}")
+  xg = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], d)
+  return xg, mean.astype(jnp.float32).reshape(xg.shape[0], d)
+
+
 def _split(p: jax.Array, precision: str) -> tuple[jax.Array, ...]:
   if precision == "tf32":
     return (p,)
@@ -156,15 +168,20 @@ def _dot_operands(x, split: bool, precision: str):
   return [(x, 1), (x, 0)]  # x exact in bfloat16
 
 
+def nudged_magnitude(y):
+  """(neg, mag) of y float32: neg all ones (uint32) where y ≤ 0 or NaN, else 0; mag = |y|, moved one
+  float up where y ≤ 0, so that "mag > b" counts b < y resp. b ≤ |y| (module docstring)."""
+  neg = jnp.where(y > 0, jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
+  mag = lax.bitcast_convert_type((lax.bitcast_convert_type(y, jnp.uint32) - neg) & jnp.uint32(0x7FFFFFFF), jnp.float32)
+  return neg, mag
+
+
 def _quantize_tile(y, bits, bounds, levels, squares, sq=None, want_centroid: bool = False):
   """Codes of y [BT, n] float32 (uint32, `searchsorted(boundaries, y, side="left")`); with `sq`
   (float32 [BT, n]) also sq + ĉ² − c_h² (an accumulator of squared centroids, offset by c_h² per
   tile), and if asked the centroids ĉ themselves (float32 [BT, n])."""
   h = 2 ** (bits - 1)
-  # |y|, moved one float up when y ≤ 0, so "> b" counts b < y resp. b ≤ |y| (module docstring).
-  neg = jnp.where(y > 0, jnp.uint32(0), jnp.uint32(0xFFFFFFFF))  # all ones for y ≤ 0 (and NaN)
-  ybits = lax.bitcast_convert_type(y, jnp.uint32)
-  mag = lax.bitcast_convert_type((ybits - neg) & jnp.uint32(0x7FFFFFFF), jnp.float32)  # +1 ulp when y ≤ 0
+  neg, mag = nudged_magnitude(y)
   # m counts in float32 from 2^23 (FSET 0/1 steps, FADDs): its bits are then 0x4B000000 + m, so
   # the code's low bits need no float-to-int conversion; ĉ² and ĉ step along with FFMAs.
   m = jnp.full(y.shape, 2.0**23, jnp.float32)
@@ -403,13 +420,7 @@ def encode(
   cfg = tq.config
   d, bits, prod = cfg.dim, cfg.mse_bits, cfg.variant == "prod"
   lead = x.shape[:-1]
-  if mean is None:
-    xg = x.reshape(1, math.prod(lead), d)
-  else:
-    if x.ndim < 2 or mean.shape != (*x.shape[:-2], d):
-      raise ValueError(f"mean must be [..., d] = {(*x.shape[:-2], d)} for x {x.shape}, got {mean.shape}")
-    xg = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], d)
-    mean = mean.astype(jnp.float32).reshape(xg.shape[0], d)
+  xg, mean = group_tokens(x, mean)
   groups, tokens = xg.shape[:2]
   words = packing.packed_words(d, bits) if bits else 0
   sign_words = packing.num_columns(cfg.sketch_dim) if prod else 0

@@ -32,7 +32,6 @@ BT = 64 tokens per block.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import bf16
-from pallas_kernels.encode_gpu import _tables
+from pallas_kernels.encode_gpu import _tables, group_tokens, nudged_magnitude
 from tqjax import packing
 from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
@@ -93,10 +92,7 @@ def quantize_fields(y, bits: int, bounds, squares, sq):
   norm correction). NaN quantizes like 0."""
   h = 2 ** (bits - 1)
   pos = y > 0
-  neg = jnp.where(pos, jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
-  # |y|, one float up when y ≤ 0: "> b" then counts b < y resp. b ≤ |y| (see `encode_gpu`).
-  mag = lax.bitcast_convert_type((lax.bitcast_convert_type(y, jnp.uint32) - neg) & jnp.uint32(0x7FFFFFFF),
-                                 jnp.float32)
+  _, mag = nudged_magnitude(y)
   m = jnp.zeros_like(y)
   for j, bound in enumerate(bounds):
     step = (mag > bound).astype(jnp.float32)
@@ -134,12 +130,8 @@ def encode(
   _check_vectors(tq, x, "x")
   cfg = tq.config
   d, bits = cfg.dim, cfg.bits
-  if mean is None:
-    xg = x.reshape(1, math.prod(x.shape[:-1]), d)
-  else:
-    if x.ndim < 2 or mean.shape != (*x.shape[:-2], d):
-      raise ValueError(f"mean must be [..., d] = {(*x.shape[:-2], d)} for x {x.shape}, got {mean.shape}")
-    xg = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], d)
+  centred = mean is not None
+  xg, mean = group_tokens(x, mean)
   groups, tokens = xg.shape[:2]
   ok, why = supported(tq, x.dtype, tokens)
   if not ok:
@@ -152,13 +144,14 @@ def encode(
   ctas = ctas or jax.devices()[0].core_count
   workers = ctas * wgs
   bounds, _, squares = _tables(bits, d)
-  p_hi, p_lo = bf16.split(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ P
+  rot = dense_matrix(tq.rotation).T.astype(jnp.float32)  # y = x @ rot
+  p_hi, p_lo = bf16.split(rot)
   mats = jnp.asarray(pack_matrices(bits, d), jnp.bfloat16)  # powers of two: exact
   nparts, n_out = mats.shape[0], mats.shape[-1]
-  centred = mean is not None
   correct = cfg.norm_correction
-  mean = jnp.zeros((1, d), jnp.float32) if mean is None else mean.astype(jnp.float32).reshape(groups, d)
-  mean_rot = jnp.dot(mean, dense_matrix(tq.rotation).T.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  if mean is None:
+    mean = jnp.zeros((1, d), jnp.float32)
+  mean_rot = jnp.dot(mean, rot, precision=lax.Precision.HIGHEST)
 
   def kernel(x_gmem, phi_gmem, plo_gmem, m_gmem, mean_gmem, mrot_gmem, codes_gmem, norms_gmem,
              phi_smem, plo_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem, x_bar, c_smem, c_bar):

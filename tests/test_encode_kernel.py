@@ -460,6 +460,32 @@ def test_prefill_lowers_for_h100(variant):
 # ----------------------------------------------------------------------------- real GPU
 
 
+def gpu_encode_matches_xla(encode, d, bits, nc, nd, dtype, lead, with_mean, precision="high"):
+  """encode(tq, x, mean), compiled, against the XLA encode on `_inputs` (special rows included)."""
+  rng = np.random.default_rng(d + bits)
+  tq = _quantizer(d, bits, nc, nd, seed=bits)
+  x, mean = _inputs(rng, lead, d, dtype, with_mean)
+  got = jax.jit(encode)(tq, x, mean)
+  xc = jax.jit(_centred)(x, mean)
+  want = jax.jit(Q.encode)(tq, xc)
+  _check(tq, xc, got, want, **_tols(precision, d, gpu=True), max_frac=1e-2, x=None if mean is None else x)
+
+
+def prefill_inputs(seed, b, kh, t):
+  """k (offset 0.5: a key mean to remove), v: bfloat16 [b, kh, t, 128]."""
+  rng = np.random.default_rng(seed)
+  k = jnp.asarray(rng.standard_normal((b, kh, t, 128)) + 0.5, jnp.bfloat16)
+  return k, jnp.asarray(rng.standard_normal((b, kh, t, 128)), jnp.bfloat16)
+
+
+def default_prefill_matches_xla(empty, k, v, lengths):
+  """The default prefill (implementation=None: the kernels on a GPU) against the XLA prefill."""
+  got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
+  want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
+  _check_caches(got, want, k, v, lengths, gpu=True)
+
+
+
 GPU_CASES = [
     # d, bits, norm correction (or "prod"), norm dtype, x dtype, lead dims, mean, precision
     (128, 3, True, "float16", jnp.bfloat16, (4, 8, 1000), False, "high"),
@@ -480,26 +506,15 @@ GPU_CASES = [
                          f"{'-mean' if c[6] else ''}")
 def test_gpu_compiled_matches_xla_encode(case):
   d, bits, nc, nd, dtype, lead, with_mean, precision = case
-  rng = np.random.default_rng(d + bits)
-  tq = _quantizer(d, bits, nc, nd, seed=bits)
-  x, mean = _inputs(rng, lead, d, dtype, with_mean)
-  got = jax.jit(functools.partial(E.encode, precision=precision, poison=True))(tq, x, mean)
-  xc = jax.jit(_centred)(x, mean)
-  want = jax.jit(Q.encode)(tq, xc)
-  _check(tq, xc, got, want, **_tols(precision, d, gpu=True), max_frac=1e-2, x=None if mean is None else x)
+  gpu_encode_matches_xla(functools.partial(E.encode, precision=precision, poison=True), d, bits, nc, nd, dtype,
+                         lead, with_mean, precision)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 def test_gpu_prefill_default_is_the_kernel():
-  rng = np.random.default_rng(5)
-  cfg = C.CacheConfig(head_dim=128, k_bits=3, v_bits=3)
-  b, kh, t = 2, 4, 3001
-  k = jnp.asarray(rng.standard_normal((b, kh, t, 128)) + 0.5, jnp.bfloat16)
-  v = jnp.asarray(rng.standard_normal((b, kh, t, 128)), jnp.bfloat16)
-  lengths = jnp.asarray([t, 1234], jnp.int32)
-  empty = C.init_cache(cfg, b, kh, t + 7)
+  k, v = prefill_inputs(5, 2, 4, 3001)
+  lengths = jnp.asarray([3001, 1234], jnp.int32)
+  empty = C.init_cache(C.CacheConfig(head_dim=128, k_bits=3, v_bits=3), 2, 4, 3001 + 7)
   assert dispatch.default_prefill_implementation(empty, (k.dtype, v.dtype)) == "pallas"
-  got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
-  want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
-  _check_caches(got, want, k, v, lengths, gpu=True)
+  default_prefill_matches_xla(empty, k, v, lengths)

@@ -18,7 +18,7 @@ from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import encode_gpu
 from pallas_kernels import encode_mgpu as M
-from test_encode_kernel import H100, HAS_GPU, _centred, _check, _inputs, _quantizer, _tols
+from test_encode_kernel import H100, HAS_GPU, default_prefill_matches_xla, gpu_encode_matches_xla, prefill_inputs
 from tqjax import packing
 from tqjax import quantizer as Q
 from tqjax.codebook import make_codebook, quantize
@@ -110,31 +110,18 @@ GPU_CASES = [  # d, bits, norm correction, norm dtype, lead dims, mean, ctas
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"d{c[0]}b{c[1]}-{c[3]}{'-mean' if c[5] else ''}")
 def test_gpu_compiled_matches_xla_encode(case):
   d, bits, nc, nd, lead, with_mean, ctas = case
-  rng = np.random.default_rng(d + bits)
-  tq = _quantizer(d, bits, nc, nd, seed=bits)
-  x, mean = _inputs(rng, lead, d, jnp.bfloat16, with_mean)
-  got = jax.jit(functools.partial(M.encode, ctas=ctas))(tq, x, mean)
-  xc = jax.jit(_centred)(x, mean)
-  want = jax.jit(Q.encode)(tq, xc)
-  _check(tq, xc, got, want, **_tols("high", d, gpu=True), max_frac=1e-2, x=None if mean is None else x)
+  gpu_encode_matches_xla(functools.partial(M.encode, ctas=ctas), d, bits, nc, nd, jnp.bfloat16, lead, with_mean)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 def test_gpu_prefill_default_is_the_mosaic_kernel():
   from pallas_kernels import dispatch
-  from test_encode_kernel import _check_caches
   from tqjax import cache as C
 
-  rng = np.random.default_rng(9)
-  cfg = C.CacheConfig(head_dim=128, k_bits=4, v_bits=3)
-  b, kh, t = 2, 4, 1024
-  k = jnp.asarray(rng.standard_normal((b, kh, t, 128)) + 0.5, jnp.bfloat16)
-  v = jnp.asarray(rng.standard_normal((b, kh, t, 128)), jnp.bfloat16)
-  lengths = jnp.asarray([t, 777], jnp.int32)
-  empty = C.init_cache(cfg, b, kh, t + 64)
-  mean = jnp.zeros((b, kh, 128), jnp.float32)
+  k, v = prefill_inputs(9, 2, 4, 1024)
+  lengths = jnp.asarray([1024, 777], jnp.int32)
+  empty = C.init_cache(C.CacheConfig(head_dim=128, k_bits=4, v_bits=3), 2, 4, 1024 + 64)
+  mean = jnp.zeros((2, 4, 128), jnp.float32)
   assert dispatch._mosaic_encode(empty.k.quantizer, k, mean) and dispatch._mosaic_encode(empty.v.quantizer, v, None)
-  got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
-  want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
-  _check_caches(got, want, k, v, lengths, gpu=True)
+  default_prefill_matches_xla(empty, k, v, lengths)
