@@ -20,6 +20,12 @@ def _backend() -> str:
   return jax.default_backend()
 
 
+def _is_hopper() -> bool:
+  """True on an sm_90 GPU (H100/H200), where the Mosaic GPU kernels run."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def supports(cache, backend: str | None = None) -> tuple[bool, str]:
   """(True, "") if a fused kernel handles `cache` on `backend` (default: JAX's), else (False, why)."""
   backend = backend or _backend()
@@ -41,11 +47,23 @@ def default_implementation(cache) -> str:
   return "pallas" if supports(cache)[0] else "xla"
 
 
-def _partial_fn(backend: str, interpret: bool, **kernel_options):
+def _mosaic_decode(cache, rows: int) -> bool:
+  """Whether `decode_mgpu` (faster than the Triton kernel) takes this decode: Hopper, and a cache
+  and G·T `rows` per kv head it supports (mse keys and values, head_dim 128, rows ≤ 8)."""
+  from pallas_kernels import decode_mgpu  # noqa: PLC0415
+
+  return _is_hopper() and rows <= decode_mgpu.MAX_ROWS and decode_mgpu.supported(cache)[0]
+
+
+def _partial_fn(cache, rows: int, backend: str, interpret: bool, **kernel_options):
   if backend == "tpu" and not interpret:
     from pallas_kernels import decode_attention_tpu  # noqa: PLC0415
 
     return functools.partial(decode_attention_tpu.decode_partial_tpu, **kernel_options)
+  if not interpret and not kernel_options and _mosaic_decode(cache, rows):
+    from pallas_kernels import decode_mgpu  # noqa: PLC0415
+
+    return decode_mgpu.decode_partial
   from pallas_kernels import decode_attention_gpu  # noqa: PLC0415
 
   return functools.partial(decode_attention_gpu.decode_partial, interpret=interpret, **kernel_options)
@@ -63,7 +81,10 @@ def attention(
 ):
   """Decode attention through the fused kernel → [B, Hq, D]; same semantics as `tqjax.cache.attention`.
 
-  interpret=True runs the GPU kernel in Pallas interpret mode (any backend, for tests).
+  On a Hopper GPU `decode_mgpu` (Mosaic GPU) runs where it applies (mse keys and values,
+  head_dim 128, ≤ 8 query heads per kv head) and no kernel_options are given; otherwise
+  `decode_attention_gpu` (Triton), which kernel_options (block_k, dot_dtype, ...) configure.
+  interpret=True runs the Triton kernel in Pallas interpret mode (any backend, for tests).
   Raises ValueError (naming the reason) when no kernel supports this cache here.
   """
   if q.ndim != 3:
@@ -72,7 +93,7 @@ def attention(
   ok, why = supports(cache, backend)
   if not ok:
     raise ValueError(f'implementation="pallas" is not available for this cache: {why}')
-  partial_fn = _partial_fn(backend, interpret, **kernel_options)
+  partial_fn = _partial_fn(cache, q.shape[1] // cache.num_kv_heads, backend, interpret, **kernel_options)
   return tq_cache.chunked_attention(
       cache,
       q[:, :, None, :],
@@ -131,12 +152,6 @@ def default_prefill_implementation(cache, dtypes=None) -> str:
     return "xla"
   some = any(_encode_support(store.quantizer, dtypes, _backend())[0] for store in (cache.k, cache.v))
   return "pallas" if some else "xla"
-
-
-def _is_hopper() -> bool:
-  """True on an sm_90 GPU (H100/H200), where the Mosaic GPU encode kernel runs."""
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def _mosaic_encode(tq, x, mean) -> bool:

@@ -238,7 +238,7 @@ def test_dispatch_routes_tpu_to_this_kernel():
   assert dispatch.supports(cache, "tpu") == (True, "")
   ok, why = dispatch.supports(C.init_cache(C.CacheConfig(head_dim=d, outlier_channels=8), b, kh, 256), "tpu")
   assert not ok and "outlier_channels" in why
-  fn = dispatch._partial_fn("tpu", False, block_s=128)
+  fn = dispatch._partial_fn(cache, g, "tpu", False, block_s=128)
   assert fn.func is decode_partial_tpu
   k, v = (jax.random.normal(jax.random.key(i), (b, kh, 200, d)) for i in (1, 2))
   cache = C.prefill(cache, k, v, lengths=jnp.array([200, 57]))

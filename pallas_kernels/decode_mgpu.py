@@ -1,0 +1,493 @@
+"""Fused decode attention on Hopper GPUs (Pallas Mosaic GPU) over the packed TurboQuant cache.
+
+The contract of `tqjax.cache.compressed_partial_reference` (as `decode_attention_gpu`, the
+Triton kernel, which handles every config this one does not) for: mse keys and values of 1-4
+bits, head_dim 128, no outlier channels, at most 8 query rows (G·T) per kv head.
+
+Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 64-token blocks of
+packed key/value codes and norms through a TMA pipeline and keeps an online softmax:
+
+* Dequantization by byte permutes, in registers, straight into the wgmma operand layout. After
+  the random rotation any coordinate order is as good as any other, so the kernel picks the one
+  in which a thread's 32 coordinates of a token (the columns 8k + 2c + e it holds of a wgmma A
+  operand, c = lane % 4) are exactly packed column w = c (`tqjax.packing`): the thread reads
+  its b words of the token and no data moves between threads. From them it builds selector
+  words holding four codes as nibbles (for 3 bits: the 2-bit fields at nibble positions come
+  from one shift and mask; the 1-bit row is spread to even bits once per token), and each PTX
+  `prmt` looks up four codes at once in a byte table held in registers: one for the low and one
+  for the high bytes of the bfloat16 centroids, two more interleave them into bf16 pairs
+  (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the codebook's symmetry:
+  the magnitude (8 entries) is looked up and the sign is flipped by a third `prmt` + XOR.
+* Keys: logitsᵀ [64 tokens, 8 rows] = K̂ [64, 128] (A from registers) · qᵀ, q split into bf16
+  hi + lo (two wgmmas into one accumulator); × key norms, + offset, soft cap, masking of
+  slots outside [lo, hi) (a last block reaching past S gets zeros from TMA, masked too).
+* Online softmax over the tokens (a cross-warp max per block); l is kept per thread and reduced
+  once at the end.
+* Values: V̂ [64, 128] is dequantized the same way and stored to shared memory; the output
+  accᵀ [128, 8] += V̂ᵀ · (p·‖v‖) with p·‖v‖ split into bf16 hi + lo (two wgmmas).
+* Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
+
+Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
+slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import bf16
+from tqjax import packing
+from tqjax.codebook import lloyd_max
+
+BK = 64  # tokens per block (the wgmma M of one warpgroup)
+HEAD_DIM = 128  # W = 4 packed columns: one per lane of a wgmma fragment's column quad
+MAX_ROWS = 8  # G·T query rows per kv head
+_N = 2 * MAX_ROWS  # the wgmma N: rows twice (bf16 hi and lo parts of p·‖v‖ in the value dot)
+BITS = (1, 2, 3, 4)
+_W = HEAD_DIM // packing.WORD_BITS
+
+
+# ----------------------------------------------------------------------------- dequantization
+# Written once against an `ops` object, so the same code emits the kernel's MLIR (`_MlirOps`) and
+# runs on NumPy uint32 arrays in the CPU tests (`NumpyOps`).
+
+
+class NumpyOps:
+  """uint32 bit operations on NumPy arrays, with PTX `prmt.b32` semantics (default mode)."""
+
+  @staticmethod
+  def const(v):
+    return np.uint32(v)
+
+  shr = staticmethod(lambda x, n: np.uint32(x) >> np.uint32(n))
+  shl = staticmethod(lambda x, n: (np.uint32(x) << np.uint32(n)) & np.uint32(0xFFFFFFFF))
+  band = staticmethod(lambda x, y: np.uint32(x) & np.uint32(y))
+  bor = staticmethod(lambda x, y: np.uint32(x) | np.uint32(y))
+  bxor = staticmethod(lambda x, y: np.uint32(x) ^ np.uint32(y))
+  mul = staticmethod(lambda x, k: (np.asarray(x, np.uint64) * np.uint64(k) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+
+  @staticmethod
+  def prmt(a, b, sel):
+    """Byte i of the result: byte (sel >> 4i) & 7 of the 8-byte {b, a}; sign-replicated if bit 3."""
+    a, b, sel = np.broadcast_arrays(np.asarray(a, np.uint32), np.asarray(b, np.uint32), np.asarray(sel, np.uint32))
+    src = np.stack([(a >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
+                   + [(b >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)])
+    out = np.zeros(a.shape, np.uint32)
+    for i in range(4):
+      nib = (sel >> np.uint32(4 * i)) & np.uint32(0xF)
+      byte = np.take_along_axis(src, (nib & np.uint32(7)).astype(np.int64)[None], axis=0)[0]
+      byte = np.where(nib & np.uint32(8), np.where(byte & np.uint32(0x80), np.uint32(0xFF), np.uint32(0)), byte)
+      out |= byte.astype(np.uint32) << np.uint32(8 * i)
+    return out
+
+
+def _spread_even(x, ops):
+  """The 16 low bits of x moved to the even bits: bit s → bit 2s."""
+  x = ops.prmt(x, ops.const(0), ops.const(0x4140))  # bytes [x0, 0, x1, 0]
+  x = ops.band(ops.bor(x, ops.shl(x, 4)), ops.const(0x0F0F0F0F))
+  x = ops.band(ops.bor(x, ops.shl(x, 2)), ops.const(0x33333333))
+  return ops.band(ops.bor(x, ops.shl(x, 1)), ops.const(0x55555555))
+
+
+def _selectors(words, bits: int, ops):
+  """Selector words of a token's packed column: list of (word, slots), each word holding the
+  codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits, (magnitude index, negative
+  flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows."""
+  m2, m3 = ops.const(0x33333333), ops.const(0xCCCCCCCC)
+  even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+  if bits == 4:
+    out = []
+    for r, x in enumerate(words):  # row r holds slots 8r + m at nibble m
+      neg = ops.band(ops.bxor(ops.shr(x, 3), ops.const(0xFFFFFFFF)), ops.const(0x11111111))
+      idx = ops.band(ops.bxor(x, ops.mul(neg, 7)), ops.const(0x77777777))
+      out.append(((idx, neg), [8 * r + m for m in range(8)]))
+    return out
+  if bits == 1:
+    (c,) = words
+    halves = [_spread_even(c, ops), _spread_even(ops.shr(c, 16), ops)]  # slot s of half h at bit 2s
+    out = []
+    for h, e in enumerate(halves):
+      one = ops.const(0x11111111)
+      out += [(ops.band(e, one), [16 * h + s for s in even]), (ops.band(ops.shr(e, 2), one), [16 * h + s for s in odd])]
+    return out
+  low = words[:2]  # 2-bit rows: slots 16h + m at bits 2m
+  tops = None
+  if bits == 3:  # the 1-bit row holds code bit 2
+    c = words[2]
+    tops = [_spread_even(c, ops), _spread_even(ops.shr(c, 16), ops)]
+  out = []
+  for h, a in enumerate(low):
+    x0, x1 = ops.band(a, m2), ops.band(ops.shr(a, 2), m2)  # nibble i: slot 2i / 2i + 1, low bits
+    if tops is not None:  # top bit of slot s sits at bit 2s of tops[h]; nibble bit 2 wanted
+      x0 = ops.bor(x0, ops.band(ops.shl(tops[h], 2), m3))
+      x1 = ops.bor(x1, ops.band(tops[h], m3))
+    out += [(x0, [16 * h + s for s in even]), (x1, [16 * h + s for s in odd])]
+  return out
+
+
+def _lookup(sel, tables, ops):
+  """Two bf16 pairs (as uint32) of the 4 low nibbles of `sel` (see `_selectors`)."""
+  l0, l1, h0, h1 = (ops.const(t) for t in tables)
+  if isinstance(sel, tuple):  # 4 bits: magnitude, then the sign by XOR on the high bytes
+    idx, neg = sel
+    lo, hi = ops.prmt(l0, l1, idx), ops.prmt(h0, h1, idx)
+    hi = ops.bxor(hi, ops.prmt(ops.const(0x8000), ops.const(0), neg))
+  else:
+    lo, hi = ops.prmt(l0, l1, sel), ops.prmt(h0, h1, sel)
+  return ops.prmt(lo, hi, ops.const(0x5140)), ops.prmt(lo, hi, ops.const(0x7362))
+
+
+def expand(words, bits: int, tables, ops):
+  """A token's packed column (b words) → 16 bf16 pairs (uint32, low half first): the thread's
+  32 wgmma-operand columns 8k + 2c + e in order k = 0..15 (`kernel_slots` gives the slots)."""
+  pairs = []
+  for sel, _ in _selectors(words, bits, ops):
+    shift = (lambda s: (ops.shr(s[0], 16), ops.shr(s[1], 16))) if isinstance(sel, tuple) else (lambda s: ops.shr(s, 16))
+    for part in (sel, shift(sel)):
+      pairs += list(_lookup(part, tables, ops))
+  return pairs
+
+
+def kernel_slots(bits: int) -> np.ndarray:
+  """slots [32]: the thread's operand column 8k + 2c + e holds slot slots[2k + e] of column c."""
+  out = []
+  for _, slots in _selectors([np.uint32(0)] * bits, bits, NumpyOps):
+    out += slots
+  return np.asarray(out)
+
+
+def kernel_perm(bits: int) -> np.ndarray:
+  """perm [D]: kernel coordinate j = 8k + 2c + e is natural coordinate perm[j] = slot·W + c."""
+  slots = kernel_slots(bits)
+  perm = np.empty(HEAD_DIM, np.int64)
+  for k in range(16):
+    for c in range(_W):
+      for e in range(2):
+        perm[8 * k + 2 * c + e] = slots[2 * k + e] * _W + c
+  return perm
+
+
+def byte_tables(bits: int, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
+  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of the bf16 lookup table: the
+  codebook (b ≤ 3, zero-padded to 8 entries) or its 8 non-negative magnitudes (b = 4)."""
+  c = np.asarray(lloyd_max(bits, dim)[0], np.float64)
+  if bits == 4:
+    if not np.allclose(c[8:], -c[7::-1], rtol=1e-12, atol=0):
+      raise AssertionError("the 4-bit codebook is not symmetric")
+    c = c[8:]
+  u16 = np.zeros(8, np.uint16)
+  u16[: c.size] = c.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  lo, hi = (u16 & 0xFF).astype(np.uint32), (u16 >> 8).astype(np.uint32)
+  word = lambda b: int(b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24))
+  return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+def codebook_bf16(bits: int, dim: int = HEAD_DIM) -> np.ndarray:
+  """The centroids the kernel multiplies: the float64 codebook rounded to bfloat16, as float32."""
+  c = np.asarray(lloyd_max(bits, dim)[0], np.float32)
+  return c.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+class _MlirOps:
+  """The `ops` of `expand` as MLIR (arith + PTX prmt), on i32 values."""
+
+  def __init__(self):
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+
+    self._arith, self._utils = arith, mgpu_utils
+    self._i32 = ir.IntegerType.get_signless(32)
+    self._consts = {}
+
+  def const(self, v):
+    v = int(v) & 0xFFFFFFFF
+    if v not in self._consts:
+      self._consts[v] = self._arith.constant(self._i32, v - (1 << 32) if v >= 1 << 31 else v)
+    return self._consts[v]
+
+  def shr(self, x, n):
+    return self._arith.shrui(x, self.const(n))
+
+  def shl(self, x, n):
+    return self._arith.shli(x, self.const(n))
+
+  def band(self, x, y):
+    return self._arith.andi(x, y)
+
+  def bor(self, x, y):
+    return self._arith.ori(x, y)
+
+  def bxor(self, x, y):
+    return self._arith.xori(x, y)
+
+  def mul(self, x, k):
+    return self._arith.muli(x, self.const(k))
+
+  def prmt(self, a, b, sel):
+    return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
+
+
+def _dequantizer(bits: int):
+  """inline_mgpu function: words ref [BK, b·W] uint32 (SMEM) → [BK, D] bf16 in the WGMMA layout,
+  columns in kernel order (`kernel_perm`)."""
+  tables = byte_tables(bits)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(),),
+      return_type=plgpu.ShapeDtypeStruct((BK, HEAD_DIM), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
+  )
+  def dequant(ctx, words_ref):
+    del ctx
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, memref  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+
+    ops = _MlirOps()
+    index = ir.IndexType.get()
+    tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
+    lane = arith.remui(tid, ops.const(32))
+    col = arith.remui(lane, ops.const(_W))
+    row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
+    pair_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((BK, HEAD_DIM)), dtype=object)
+    for h in range(2):  # rows r and r + 8 of the warp's 16
+      row = arith.index_cast(index, arith.addi(row0, ops.const(8 * h)))
+      words = [
+          memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * _W)))])
+          for r in range(bits)
+      ]
+      for k, pair in enumerate(expand(words, bits, tables, ops)):
+        regs[0, k, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(pair, pair_ty)
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+  return dequant
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = None):
+  swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize_bits)
+  return (plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits, stages):
+  """q [N, 2, 16, D] bf16 (hi, lo; kernel order; rows 8-15 repeat 0-7), par [N, 4, 16] int32
+  (offset bits (float32), lo, hi, unused) per row, kc [N, S, bk·W] u32, kn [N, S], vc [N, S, bv·W] u32, vn [N, S]
+  (N = B·K, S ≥ BK) → acc [N, splits, D, 16] f32 (value kernel order; columns 8-15 hold the
+  lo-part products of rows 0-7), ml [N, splits, 2, 16] f32 (m, per-thread-summed l ×2)."""
+  n, seq = kc.shape[:2]  # (the norms may be longer: padding)
+  nblocks = pl.cdiv(seq, BK)
+  per_split = pl.cdiv(nblocks, num_splits)
+  splits = pl.cdiv(nblocks, per_split)
+  deq_k, deq_v = _dequantizer(k_bits), _dequantizer(v_bits)
+  L = plgpu.Layout
+
+  def kernel(q_gmem, par_gmem, kc_gmem, kn_gmem, vc_gmem, vn_gmem, acc_gmem, ml_gmem,
+             q_smem, par_smem, const_bar, kc_smem, kn_smem, vc_smem, vn_smem, bars,
+             vd_smem, p_smem, out_smem, ml_smem):
+    bh = lax.axis_index("bh")
+    split = lax.axis_index("split")
+    first = split * per_split
+    steps = jnp.minimum(first + per_split, nblocks) - first
+    for part in range(2):
+      plgpu.copy_gmem_to_smem(q_gmem.at[bh, part], q_smem.at[part], const_bar.at[part])
+    plgpu.copy_gmem_to_smem(par_gmem.at[bh], par_smem, const_bar.at[2])
+
+    def fetch(i, slot):
+      rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
+      for t, (src, dst) in enumerate(((kc_gmem, kc_smem), (kn_gmem, kn_smem), (vc_gmem, vc_smem), (vn_gmem, vn_smem))):
+        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[4 * slot + t])
+
+    for i in range(stages):
+      pl.when(i < steps)(functools.partial(fetch, i, i))
+    for b in range(3):
+      plgpu.barrier_wait(const_bar.at[b])
+    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(3)]
+    offset = lax.bitcast_convert_type(par[0], jnp.float32)
+    lo, hi = par[1], par[2]
+    shape = (BK, _N)
+    col = lambda x: lax.broadcast_in_dim(x, shape, [1])
+    row = lambda x: lax.broadcast_in_dim(x, shape, [0])
+    iota = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=L.WGMMA)
+    hi_part = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=L.WGMMA) < MAX_ROWS
+
+    def step(i, carry):
+      acc, m, lpart = carry
+      slot = lax.rem(i, stages)
+      start = (first + i) * BK
+      plgpu.barrier_wait(bars.at[4 * slot])
+      kdeq = deq_k(kc_smem.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, kdeq, q_smem.at[0].T)
+        plgpu.wgmma(acc_ref, kdeq, q_smem.at[1].T)
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+      plgpu.barrier_wait(bars.at[4 * slot + 1])
+      knorm = plgpu.load(kn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
+      s = s * row(knorm) + col(offset)
+      if soft_cap is not None:
+        s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
+      slots = iota + start
+      ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
+      s = jnp.where(ok, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=0))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      p = jnp.exp(s - col(m_safe))
+      corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
+      lpart = lpart * col(corr) + p
+      plgpu.barrier_wait(bars.at[4 * slot + 2])
+      plgpu.barrier_wait(bars.at[4 * slot + 3])
+      vnorm = plgpu.load(vn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
+      pv = jnp.where(ok, p * row(vnorm), 0.0)  # where: a masked slot's norm may be NaN
+      pv_hi = lax.bitcast_convert_type(lax.bitcast_convert_type(pv, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+      vd_smem[...] = deq_v(vc_smem.at[slot])
+      p_smem[...] = jnp.where(hi_part, pv_hi, pv - pv_hi).astype(jnp.bfloat16)
+      plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
+      pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
+
+      def pv_dot(acc_ref):
+        plgpu.wgmma(acc_ref, vd_smem.T, p_smem)
+
+      acc = pl.run_state(pv_dot)(plgpu.ACC.init(acc * lax.broadcast_in_dim(corr, acc.shape, [1])))
+      return acc, m_new, lpart
+
+    acc0 = plgpu.layout_cast(jnp.zeros((HEAD_DIM, _N), jnp.float32), L.WGMMA)
+    m0 = plgpu.layout_cast(jnp.full((_N,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
+    l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
+    acc, m, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
+    out_smem[...] = acc
+    ml_smem[0] = m
+    ml_smem[1] = jnp.sum(lpart, axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[bh, split])
+    plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh, split])
+    plgpu.wait_smem_to_gmem(0)
+
+  nk, nv = kc.shape[-1], vc.shape[-1]
+  run = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, _N), jnp.float32),
+                jax.ShapeDtypeStruct((n, splits, 2, _N), jnp.float32)),
+      grid=(n, splits),
+      grid_names=("bh", "split"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      scratch_types=[
+          plgpu.SMEM((2, _N, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
+          plgpu.SMEM((4, _N), jnp.int32),
+          plgpu.Barrier(num_barriers=3),
+          plgpu.SMEM((stages, BK, nk), jnp.uint32),
+          plgpu.SMEM((stages, BK), kn.dtype),
+          plgpu.SMEM((stages, BK, nv), jnp.uint32),
+          plgpu.SMEM((stages, BK), vn.dtype),
+          plgpu.Barrier(num_barriers=4 * stages),
+          # The value dot's two operands need one swizzle: p's 16 columns allow 32 bytes.
+          plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM, swizzle=32)),
+          plgpu.SMEM((BK, _N), jnp.bfloat16, transforms=_swizzled(_N)),
+          plgpu.SMEM((HEAD_DIM, _N), jnp.float32),
+          plgpu.SMEM((2, _N), jnp.float32),
+      ],
+  )
+  return run(q, par, kc, kn, vc, vn)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def supported(cache) -> tuple[bool, str]:
+  """(True, "") if this kernel handles the cache's config, else (False, reason)."""
+  cfg = cache.config
+  if cfg.outlier_channels:
+    return False, f"outlier_channels={cfg.outlier_channels} (no outlier-channel path)"
+  if cfg.head_dim != HEAD_DIM:
+    return False, f"head_dim={cfg.head_dim} (the Mosaic GPU decode kernel does {HEAD_DIM})"
+  for name, tq in (("keys", cache.k.quantizer), ("values", cache.v.quantizer)):
+    if tq.config.variant != "mse":
+      return False, f"{name} use variant={tq.config.variant!r} (the Mosaic GPU decode kernel does mse)"
+    if tq.config.bits not in BITS:
+      return False, f"{name} use {tq.config.bits} bits, not in {BITS}"
+  return True, ""
+
+
+def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
+  """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs ~8 deep in even splits
+  (16 at B·K = 64: 364 µs at S=32k K3/V3 on an H200 against 436 µs with 17), each ≥ 4 blocks."""
+  nblocks = pl.cdiv(seq, BK)
+  want = 1 << (max(1, ctas // heads).bit_length() - 1)
+  return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
+
+
+@functools.partial(jax.jit, static_argnames=("soft_cap", "num_splits", "stages"))
+def decode_partial(
+    cache,  # tqjax.cache.KVCache that `supported` accepts
+    pq,  # tqjax.cache.PreparedQuery: q [B, K, G, T, D], offset [B, K, G, T]
+    lo,  # [B, T] int32: first attended slot per query token
+    hi,  # [B, T] int32: one past the last attended slot
+    soft_cap: float | None = None,
+    *,
+    num_splits: int | None = None,
+    stages: int = 4,
+):
+  """The kernel under the contract of `tqjax.cache.compressed_partial_reference`.
+
+  Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
+  m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0.
+  """
+  ok, why = supported(cache)
+  if not ok:
+    raise ValueError(f"the Mosaic GPU decode kernel does not support this cache: {why}")
+  b, kh, g, t, d = pq.q[0].shape
+  rows = g * t
+  if rows > MAX_ROWS:
+    raise ValueError(f"G·T = {g}·{t} = {rows} query rows per kv head exceed {MAX_ROWS=}")
+  if stages < 1:
+    raise ValueError(f"{stages=} must be ≥ 1")
+  k_bits, v_bits = cache.k.quantizer.config.bits, cache.v.quantizer.config.bits
+  kc, kn = cache.k.main.codes, cache.k.main.norms
+  vc, vn = cache.v.main.codes, cache.v.main.norms
+  seq = cache.capacity
+  if seq < BK:  # tiny caches: pad to one block (padding slots are never attended)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, BK - seq)] + [(0, 0)] * (x.ndim - 3))
+    kc, kn, vc, vn = map(pad, (kc, kn, vc, vn))
+    seq = BK
+  n = b * kh
+  flat = lambda x: x.reshape(n, seq, *x.shape[3:])
+  # TMA needs 16-byte row strides: norms of a capacity that is not a multiple of 8 are padded.
+  norms = lambda x: jnp.pad(flat(x), [(0, 0), (0, -seq % 8)])
+  if num_splits is None:
+    num_splits = default_num_splits(n, seq)
+
+  def rows_of(x, fill=0):  # [B, K, G, T, ...] → [N, 16, ...]: rows padded to 8, twice
+    x = x.reshape(n, rows, *x.shape[4:])
+    x = jnp.pad(x, [(0, 0), (0, MAX_ROWS - rows)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.concatenate([x, x], axis=1)
+
+  q = rows_of(pq.q[0].astype(jnp.float32)[..., kernel_perm(k_bits)])
+  q = jnp.stack(bf16.split(q), axis=1)  # [N, 2, 16, D]
+  off = lax.bitcast_convert_type(rows_of(pq.offset.astype(jnp.float32)), jnp.int32)
+  rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
+  par = jnp.stack([off, rng(lo, seq), rng(hi, 0), jnp.zeros_like(off)], axis=1)  # padded rows attend nothing
+  acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), k_bits=k_bits, v_bits=v_bits,
+                         soft_cap=None if soft_cap is None else float(soft_cap), num_splits=num_splits,
+                         stages=stages)
+  m, l = ml[:, :, 0, :rows], ml[:, :, 1, :rows]  # [N, splits, R]
+  acc = jnp.swapaxes(acc[..., :rows] + acc[..., MAX_ROWS:MAX_ROWS + rows], -1, -2)  # hi + lo: [N, splits, R, D]
+  m_all = lax.optimization_barrier(jnp.max(m, axis=1))
+  m_safe = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_safe[:, None]))
+  l_all = jnp.sum(l * w, axis=1)
+  acc = jnp.sum(acc * w[..., None], axis=1)
+  acc = acc[..., np.argsort(kernel_perm(v_bits))]  # back to the natural order
+  return (acc.reshape(b, kh, g, t, d),), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)

@@ -1,0 +1,161 @@
+"""The Mosaic GPU decode kernel (pallas_kernels/decode_mgpu.py) against the float32 oracle.
+
+Tiers: `math` (its byte-permute dequantizer on NumPy uint32 words, exact, on CPU), `lowering`
+(Mosaic GPU lowering for an abstract H100, on CPU), `gpu` (compiled kernel on a Hopper GPU,
+skipped elsewhere). Mosaic GPU's interpret mode does not run `inline_mgpu` code, so the kernel
+body runs only in the `gpu` tier; the dequantizer it inlines is the code the `math` tier runs
+(`expand` is written once against an ops object: NumPy here, MLIR in the kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import use_abstract_mesh
+
+from pallas_kernels import decode_attention_gpu, dispatch
+from pallas_kernels import decode_mgpu as M
+from test_encode_kernel import H100, HAS_GPU
+from tqjax import cache as C
+from tqjax import packing
+from tqjax.codebook import lloyd_max
+
+IS_HOPPER = HAS_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _bf16_pairs_to_float(pairs):
+  """16 uint32 words of bf16 pairs → [..., 32] float32, low half first."""
+  out = []
+  for p in pairs:
+    for half in (p & np.uint32(0xFFFF), p >> np.uint32(16)):
+      out.append(half.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32))
+  return np.stack(out, axis=-1)
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("bits", M.BITS)
+def test_expand_is_the_bf16_codebook_of_unpack(bits):
+  """Every code of every slot and column, through the kernel's byte permutes, equals the bf16
+  centroid of `packing.unpack`'s code at the coordinate `kernel_perm` names."""
+  rng = np.random.default_rng(bits)
+  codes = rng.integers(0, 2**bits, size=(300, M.HEAD_DIM))
+  codes[:16] = np.arange(16)[:, None] % 2**bits  # every code in every coordinate
+  words = np.asarray(packing.pack(jnp.asarray(codes), bits))
+  tables = M.byte_tables(bits)
+  cb = np.asarray(lloyd_max(bits, M.HEAD_DIM)[0], np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+  perm = M.kernel_perm(bits)
+  w = M.HEAD_DIM // packing.WORD_BITS
+  got = np.zeros(codes.shape, np.float32)  # kernel order: column 8k + 2c + e
+  for c in range(w):
+    vals = _bf16_pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps))
+    for k in range(16):
+      for e in range(2):
+        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+  np.testing.assert_array_equal(got, cb[codes[:, perm]])
+  assert sorted(perm) == list(range(M.HEAD_DIM))
+
+
+@pytest.mark.math
+def test_numpy_prmt_model():
+  """The NumPy model of PTX prmt.b32 (the GPU tier checks the real one): byte select, sign mode."""
+  a, b = np.uint32(0x83828180), np.uint32(0x07060504)
+  for sel, want in ((0x4140, 0x04810480), (0x3210, 0x83828180), (0x7654, 0x07060504),
+                    (0x0008, 0x808080FF), (0x000C, 0x80808000), (0xFFFF3210, 0x83828180)):
+    assert M.NumpyOps.prmt(a, b, np.uint32(sel)) == np.uint32(want), hex(sel)
+
+
+@pytest.mark.math
+def test_supported_and_errors():
+  cfg = C.CacheConfig(head_dim=128, k_bits=3, v_bits=3)
+  assert M.supported(C.init_cache(cfg, 1, 1, 8)) == (True, "")
+  for kw, word in ((dict(k_variant="prod"), "variant"), (dict(head_dim=64), "head_dim"),
+                   (dict(v_bits=5), "bits"), (dict(outlier_channels=32), "outlier")):
+    ok, why = M.supported(C.init_cache(C.CacheConfig(**{**dict(head_dim=128, k_bits=3, v_bits=3), **kw}), 1, 1, 8))
+    assert not ok and word in why
+  cache = C.init_cache(cfg, 1, 1, 8)
+  pq = C.prepare_query(cache, jnp.zeros((1, 1, 9, 1, 128), jnp.float32), 1.0)
+  lo, hi = C.query_ranges(cache, 1, None)
+  with pytest.raises(ValueError, match="query rows"):
+    M.decode_partial(cache, pq, lo, hi)
+
+
+LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap
+    (3, 3, "float16", 4, 1, 32768, None),
+    (4, 4, "float32", 8, 1, 1000, 30.0),
+    (2, 1, "bfloat16", 2, 2, 37, None),
+    (1, 2, "float16", 1, 1, 4133, 20.0),
+]
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: f"k{c[0]}v{c[1]}-{c[2]}-g{c[3]}t{c[4]}-s{c[5]}")
+def test_lowers_for_h100(case):
+  kb, vb, nd, g, t, s, cap = case
+  cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, norm_dtype=nd), 2, 3, s))
+  pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, 128), jnp.float32), 0.1), cache)
+  ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
+  with use_abstract_mesh(H100):
+    jax.jit(functools.partial(M.decode_partial, soft_cap=cap)).trace(cache, pq, ranges, ranges).lower(
+        lowering_platforms=("cuda",))
+
+
+# The kernel's operands are bfloat16: centroids rounded once (relative error ≤ 2^-9, the same
+# for every coordinate of a code, so a logit moves by up to 2^-9·|logit|, and p·l with it), q and
+# p·‖v‖ split hi + lo (~2^-16). With |logit| ≲ 5 here that bounds l and o by ~1e-2; measured
+# 0.6-6.4e-3 on an H200 (2026-11-28).
+TOL = 1e-2
+
+GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window
+    (dict(k_bits=3, v_bits=3), 2, 2, 4, 1, 4133, [4133, 1000], None, None),
+    (dict(k_bits=4, v_bits=4), 2, 2, 4, 1, 4096, [4096, 1], None, None),
+    (dict(k_bits=2, v_bits=3, norm_dtype="float32"), 2, 2, 8, 1, 777, [777, 0], 30.0, None),
+    (dict(k_bits=1, v_bits=4, norm_dtype="bfloat16"), 1, 3, 1, 1, 300, [299], None, 100),
+    (dict(k_bits=3, v_bits=2), 2, 1, 4, 2, 50, [50, 7], None, None),
+    (dict(k_bits=4, v_bits=1, center_keys=False), 1, 2, 2, 1, 1000, [1000], 20.0, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"k{c[0]['k_bits']}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}")
+def test_gpu_compiled_matches_reference(case):
+  cfgkw, b, kh, g, t, s, lengths, cap, win = case
+  r = np.random.default_rng(s)
+  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=128, **cfgkw), b, kh, s),
+                    jnp.asarray(r.standard_normal((b, kh, s, 128)) + 0.4, jnp.float32),
+                    jnp.asarray(r.standard_normal((b, kh, s, 128)), jnp.float32), jnp.asarray(lengths, jnp.int32))
+  pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, 128)) * 2, jnp.float32), 1 / math.sqrt(128))
+  lo, hi = C.query_ranges(cache, t, win)
+  (acc, m, l) = M.decode_partial(cache, pq, lo, hi, cap)
+  (acc_r, m_r, l_r) = decode_attention_gpu.decode_partial_reference(cache, pq, lo, hi, cap)
+  acc, m, l, acc_r, m_r, l_r = (np.asarray(x, np.float64) for x in (acc[0], m, l, acc_r[0], m_r, l_r))
+  assert not (np.isnan(acc).any() or np.isnan(m).any() or np.isnan(l).any())
+  np.testing.assert_array_equal(np.isneginf(m), np.isneginf(m_r))
+  fin = np.isfinite(m_r)
+  scale = np.where(fin, np.exp(np.where(fin, m, 0.0) - np.where(fin, m_r, 0.0)), 0.0)
+  np.testing.assert_allclose(l * scale, l_r, rtol=TOL, atol=0)
+  o = acc / np.where(l > 0, l, 1.0)[..., None]
+  o_r = acc_r / np.where(l_r > 0, l_r, 1.0)[..., None]
+  assert np.linalg.norm(o - o_r) < TOL * np.linalg.norm(o_r)
+  assert np.all(acc[l_r == 0] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+def test_gpu_default_attention_is_the_mosaic_kernel():
+  """dispatch picks this kernel on Hopper for K3/V3 d=128 and its attention matches the XLA path."""
+  r = np.random.default_rng(0)
+  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=128, k_bits=3, v_bits=3), 2, 2, 640),
+                    jnp.asarray(r.standard_normal((2, 2, 640, 128)), jnp.float32),
+                    jnp.asarray(r.standard_normal((2, 2, 640, 128)), jnp.float32), jnp.asarray([640, 333], jnp.int32))
+  q = jnp.asarray(r.standard_normal((2, 8, 128)), jnp.float32)
+  assert dispatch._mosaic_decode(cache, 4) and not dispatch._mosaic_decode(cache, 9)
+  got = np.asarray(dispatch.attention(cache, q))
+  want = np.asarray(C.attention(cache, q, implementation="xla"))
+  assert np.linalg.norm(got - want) < TOL * np.linalg.norm(want)
