@@ -18,14 +18,20 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
   for the high bytes of the bfloat16 centroids, two more interleave them into bf16 pairs
   (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the codebook's symmetry:
   the magnitude (8 entries) is looked up and the sign is flipped by a third `prmt` + XOR.
-* Keys: logitsᵀ [64 tokens, 8 rows] = K̂ [64, 128] (A from registers) · qᵀ, q split into bf16
-  hi + lo (two wgmmas into one accumulator); × key norms, + offset, soft cap, masking of
+* Keys: logitsᵀ [64 tokens, 16] = K̂ [64, 128] (A from registers) · qᵀ, the ≤ 8 query rows
+  padded to 8 and repeated (the value dot needs 16 columns), q split into bf16 hi + lo (two
+  wgmmas into one accumulator); × key norms, + offset, soft cap, masking of
   slots outside [lo, hi) (a last block reaching past S gets zeros from TMA, masked too).
 * Online softmax over the tokens (a cross-warp max per block); l is kept per thread and reduced
   once at the end.
 * Values: V̂ [64, 128] is dequantized the same way and stored to shared memory; the output
-  accᵀ [128, 8] += V̂ᵀ · (p·‖v‖) with p·‖v‖ split into bf16 hi + lo (two wgmmas).
+  accᵀ [128, 16] += V̂ᵀ · [hi | lo] of p·‖v‖ (bf16 parts in columns 0-7 and 8-15, summed in XLA).
 * Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
+
+Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28*.md): at
+S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 335–436 µs, K4/V4 423–440 µs, 2.2–2.4× faster than the
+Triton kernel but only 0.86–1.2× cuDNN bf16: latency-bound, each warpgroup runs its stages in
+sequence (kernel_notes.md, session 4).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
@@ -283,10 +289,11 @@ def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = N
 
 def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits, stages):
   """q [N, 2, 16, D] bf16 (hi, lo; kernel order; rows 8-15 repeat 0-7), par [N, 4, 16] int32
-  (offset bits (float32), lo, hi, unused) per row, kc [N, S, bk·W] u32, kn [N, S], vc [N, S, bv·W] u32, vn [N, S]
-  (N = B·K, S ≥ BK) → acc [N, splits, D, 16] f32 (value kernel order; columns 8-15 hold the
-  lo-part products of rows 0-7), ml [N, splits, 2, 16] f32 (m, per-thread-summed l ×2)."""
-  n, seq = kc.shape[:2]  # (the norms may be longer: padding)
+  (offset bits (float32), lo, hi, unused) per row, kc [N, S, bk·W] u32, kn [N, S'],
+  vc [N, S, bv·W] u32, vn [N, S'] (N = B·K, S ≥ BK, S' ≥ S: padded norms)
+  → acc [N, splits, D, 16] f32 (value kernel order; column r + 8 holds the lo part of p·‖v‖ of
+  row r), ml [N, splits, 2, 16] f32 (m, l; columns 8-15 repeat 0-7)."""
+  n, seq = kc.shape[:2]
   nblocks = pl.cdiv(seq, BK)
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
