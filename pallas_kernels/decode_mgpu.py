@@ -300,7 +300,7 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
   deq_k, deq_v = _dequantizer(k_bits), _dequantizer(v_bits)
   L = plgpu.Layout
 
-  def kernel(q_gmem, par_gmem, kc_gmem, kn_gmem, vc_gmem, vn_gmem, acc_gmem, ml_gmem,
+  def tq_decode_mgpu(q_gmem, par_gmem, kc_gmem, kn_gmem, vc_gmem, vn_gmem, acc_gmem, ml_gmem,
              q_smem, par_smem, const_bar, kc_smem, kn_smem, vc_smem, vn_smem, bars,
              vd_smem, p_smem, out_smem, ml_smem):
     bh = lax.axis_index("bh")
@@ -385,7 +385,7 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
 
   nk, nv = kc.shape[-1], vc.shape[-1]
   run = plgpu.kernel(
-      kernel,
+      tq_decode_mgpu,
       out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, _N), jnp.float32),
                 jax.ShapeDtypeStruct((n, splits, 2, _N), jnp.float32)),
       grid=(n, splits),
