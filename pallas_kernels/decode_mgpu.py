@@ -30,8 +30,9 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
 
 Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28*.md): at
 S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 335–436 µs, K4/V4 423–440 µs, 2.2–2.4× faster than the
-Triton kernel but only 0.86–1.2× cuDNN bf16: latency-bound, each warpgroup runs its stages in
-sequence (kernel_notes.md, session 4).
+Triton kernel but only 0.86–1.2× cuDNN bf16 (1.02–1.11× with calls dispatched back to back:
+236–260 µs against 262 µs). Nsight Compute puts one launch at 210 µs. It is latency-bound: 12
+warps per SM, each warpgroup running its stages in sequence (kernel_notes.md, session 4).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
