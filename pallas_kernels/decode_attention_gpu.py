@@ -527,15 +527,19 @@ def decode_partial(
       poison=poison,
   )
   acc, m, l = jax.vmap(jax.vmap(inner))(q, sq, offset, lo_r, hi_r, kc, kn, ks, kr, vc, vn)
-  # acc [B, K, splits, R, D], m, l [B, K, splits, R]: one more round of flash across splits.
-  m_all = jnp.max(m, axis=2)
-  m_all = lax.optimization_barrier(m_all)  # as in JAX's decode_attention: avoids NaNs after jit
-  m_safe = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_safe[:, :, None]))
-  l_all = jnp.sum(l * w, axis=2)
-  acc = jnp.sum(acc * w[..., None], axis=2)
+  acc, m_all, l_all = merge_splits(acc, m, l)
   acc = _from_kernel_perm(acc).reshape(b, kh, g, t, d)
   return (acc,), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
+
+
+def merge_splits(acc, m, l):
+  """Flash-decoding merge of per-split partials: acc [..., splits, R, D], m, l [..., splits, R]
+  → (acc [..., R, D], m [..., R], l [..., R]); splits with m = −inf contribute nothing."""
+  m_all = jnp.max(m, axis=-2)
+  m_all = lax.optimization_barrier(m_all)  # as in JAX's decode_attention: avoids NaNs after jit
+  m_safe = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_safe[..., None, :]))
+  return jnp.sum(acc * w[..., None], axis=-3), m_all, jnp.sum(l * w, axis=-2)
 
 
 def decode_partial_reference(cache, pq, lo, hi, soft_cap=None):

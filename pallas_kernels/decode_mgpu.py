@@ -51,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import bf16
+from pallas_kernels.decode_attention_gpu import merge_splits
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
@@ -492,10 +493,6 @@ def decode_partial(
                          stages=stages)
   m, l = ml[:, :, 0, :rows], ml[:, :, 1, :rows]  # [N, splits, R]
   acc = jnp.swapaxes(acc[..., :rows] + acc[..., MAX_ROWS:MAX_ROWS + rows], -1, -2)  # hi + lo: [N, splits, R, D]
-  m_all = lax.optimization_barrier(jnp.max(m, axis=1))
-  m_safe = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_safe[:, None]))
-  l_all = jnp.sum(l * w, axis=1)
-  acc = jnp.sum(acc * w[..., None], axis=1)
+  acc, m_all, l_all = merge_splits(acc, m, l)
   acc = acc[..., np.argsort(kernel_perm(v_bits))]  # back to the natural order
   return (acc.reshape(b, kh, g, t, d),), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
