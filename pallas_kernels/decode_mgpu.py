@@ -52,6 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import bf16
 from pallas_kernels.decode_attention_gpu import merge_splits
+from pallas_kernels.encode_mgpu import _swizzled
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
@@ -198,12 +199,6 @@ def byte_tables(bits: int, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
   return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
 
-def codebook_bf16(bits: int, dim: int = HEAD_DIM) -> np.ndarray:
-  """The centroids the kernel multiplies: the float64 codebook rounded to bfloat16, as float32."""
-  c = np.asarray(lloyd_max(bits, dim)[0], np.float32)
-  return c.astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
 class _MlirOps:
   """The `ops` of `expand` as MLIR (arith + PTX prmt), on i32 values."""
 
@@ -282,11 +277,6 @@ def _dequantizer(bits: int):
 
 
 # ----------------------------------------------------------------------------- the kernel
-
-
-def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = None):
-  swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize_bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits, stages):

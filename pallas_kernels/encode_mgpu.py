@@ -107,8 +107,9 @@ def quantize_fields(y, bits: int, bounds, squares, sq):
   return [code - h * posf, posf], sq
 
 
-def _swizzled(minor_elems: int, itemsize_bits: int = 16):
-  swizzle = plgpu.find_swizzle(minor_elems * itemsize_bits)
+def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = None):
+  """SMEM transforms for a wgmma operand: the widest swizzle its rows allow, or `swizzle`."""
+  swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize_bits)
   return (plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle))
 
 

@@ -21,12 +21,12 @@ from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import decode_attention_gpu, dispatch
 from pallas_kernels import decode_mgpu as M
-from test_encode_kernel import H100, HAS_GPU
+from test_encode_kernel import H100
 from tqjax import cache as C
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
-IS_HOPPER = HAS_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+IS_HOPPER = dispatch._is_hopper()
 
 
 def _bf16_pairs_to_float(pairs):

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from jax.sharding import use_abstract_mesh
 
-from pallas_kernels import encode_gpu
+from pallas_kernels import dispatch, encode_gpu
 from pallas_kernels import encode_mgpu as M
-from test_encode_kernel import H100, HAS_GPU, default_prefill_matches_xla, gpu_encode_matches_xla, prefill_inputs
+from test_encode_kernel import H100, default_prefill_matches_xla, gpu_encode_matches_xla, prefill_inputs
 from tqjax import packing
 from tqjax import quantizer as Q
 from tqjax.codebook import make_codebook, quantize
 
-IS_HOPPER = HAS_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+IS_HOPPER = dispatch._is_hopper()
 
 
 @pytest.mark.math
@@ -116,7 +116,6 @@ def test_gpu_compiled_matches_xla_encode(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 def test_gpu_prefill_default_is_the_mosaic_kernel():
-  from pallas_kernels import dispatch
   from tqjax import cache as C
 
   k, v = prefill_inputs(9, 2, 4, 1024)
