@@ -15,24 +15,26 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
   words holding four codes as nibbles (for 3 bits: the 2-bit fields at nibble positions come
   from one shift and mask; the 1-bit row is spread to even bits once per token), and each PTX
   `prmt` looks up four codes at once in a byte table held in registers: one for the low and one
-  for the high bytes of the bfloat16 centroids, two more interleave them into bf16 pairs
-  (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the codebook's symmetry:
-  the magnitude (8 entries) is looked up and the sign is flipped by a third `prmt` + XOR.
-* Keys: logitsᵀ [64 tokens, 16] = K̂ [64, 128] (A from registers) · qᵀ, the ≤ 8 query rows
-  padded to 8 and repeated (the value dot needs 16 columns), q split into bf16 hi + lo (two
-  wgmmas into one accumulator); × key norms, + offset, soft cap, masking of
-  slots outside [lo, hi) (a last block reaching past S gets zeros from TMA, masked too).
+  for the high bytes of the 16-bit centroids (float16 for keys, bfloat16 for values), two more
+  interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the
+  codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
+  `prmt` + XOR.
+* Keys: logitsᵀ [64 tokens, 8] = K̂ [64, 128] (A from registers) · qᵀ in float16, the ≤ 8 query
+  rows padded to 8 (the wgmma N) and scaled per row by a power of two (`_float16_rows`); × q
+  scale × key norms, + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching
+  past S gets zeros from TMA, masked too).
 * Online softmax over the tokens (a cross-warp max per block); l is kept per thread and reduced
-  once at the end.
-* Values: V̂ [64, 128] is dequantized the same way and stored to shared memory; the output
-  accᵀ [128, 16] += V̂ᵀ · [hi | lo] of p·‖v‖ (bf16 parts in columns 0-7 and 8-15, summed in XLA).
+  once at the end. Without a soft cap exp is approximate (ex2.approx).
+* Values: V̂ [64, 128] is dequantized the same way (bfloat16) and stored to shared memory; p·‖v‖
+  (bfloat16) is stored transposed, pᵀ [8, 64], by hand into its 128-byte-swizzled tile
+  (`_store_transposed`); accᵀ [128, 8] += V̂ᵀ · p·‖v‖.
 * Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
 
-Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28*.md): at
-S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 335–436 µs, K4/V4 423–440 µs, 2.2–2.4× faster than the
-Triton kernel but only 0.86–1.2× cuDNN bf16 (1.02–1.11× with calls dispatched back to back:
-236–260 µs against 262 µs). Nsight Compute puts one launch at 210 µs. It is latency-bound: 12
-warps per SM, each warpgroup running its stages in sequence (kernel_notes.md, session 4).
+Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
+20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 185 µs, K4/V4
+213 µs per call against cuDNN bf16's 259 µs (1.40×, 1.21×); Nsight Compute puts one K3/V3
+launch at 154 µs (4 CTAs per SM, 109 registers). Still bound by issue and latency, each
+warpgroup running its stages in sequence (kernel_notes.md, sessions 4-5).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
@@ -44,13 +46,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import bf16
 from pallas_kernels.decode_attention_gpu import merge_splits
 from pallas_kernels.encode_mgpu import _swizzled
 from tqjax import packing
@@ -58,8 +58,7 @@ from tqjax.codebook import lloyd_max
 
 BK = 64  # tokens per block (the wgmma M of one warpgroup)
 HEAD_DIM = 128  # W = 4 packed columns: one per lane of a wgmma fragment's column quad
-MAX_ROWS = 8  # G·T query rows per kv head
-_N = 2 * MAX_ROWS  # the wgmma N: rows twice (bf16 hi and lo parts of p·‖v‖ in the value dot)
+MAX_ROWS = 8  # G·T query rows per kv head: the wgmma N of both dots
 BITS = (1, 2, 3, 4)
 _W = HEAD_DIM // packing.WORD_BITS
 
@@ -184,16 +183,17 @@ def kernel_perm(bits: int) -> np.ndarray:
   return perm
 
 
-def byte_tables(bits: int, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
-  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of the bf16 lookup table: the
-  codebook (b ≤ 3, zero-padded to 8 entries) or its 8 non-negative magnitudes (b = 4)."""
+def byte_tables(bits: int, dtype, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
+  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of the 16-bit lookup table
+  (`dtype`: bfloat16 or float16): the codebook (b ≤ 3, zero-padded to 8 entries) or its 8
+  non-negative magnitudes (b = 4; the sign is the top bit of the high byte in both)."""
   c = np.asarray(lloyd_max(bits, dim)[0], np.float64)
   if bits == 4:
     if not np.allclose(c[8:], -c[7::-1], rtol=1e-12, atol=0):
       raise AssertionError("the 4-bit codebook is not symmetric")
     c = c[8:]
   u16 = np.zeros(8, np.uint16)
-  u16[: c.size] = c.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+  u16[: c.size] = c.astype(np.float32).astype(dtype).view(np.uint16)
   lo, hi = (u16 & 0xFF).astype(np.uint32), (u16 >> 8).astype(np.uint32)
   word = lambda b: int(b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24))
   return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
@@ -239,14 +239,14 @@ class _MlirOps:
     return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
 
 
-def _dequantizer(bits: int):
-  """inline_mgpu function: words ref [BK, b·W] uint32 (SMEM) → [BK, D] bf16 in the WGMMA layout,
-  columns in kernel order (`kernel_perm`)."""
-  tables = byte_tables(bits)
+def _dequantizer(bits: int, dtype):
+  """inline_mgpu function: words ref [BK, b·W] uint32 (SMEM) → [BK, D] `dtype` (bfloat16 or
+  float16) in the WGMMA layout, columns in kernel order (`kernel_perm`)."""
+  tables = byte_tables(bits, dtype)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(),),
-      return_type=plgpu.ShapeDtypeStruct((BK, HEAD_DIM), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
+      return_type=plgpu.ShapeDtypeStruct((BK, HEAD_DIM), dtype, layout=plgpu.Layout.WGMMA),
   )
   def dequant(ctx, words_ref):
     del ctx
@@ -257,11 +257,8 @@ def _dequantizer(bits: int):
 
     ops = _MlirOps()
     index = ir.IndexType.get()
-    tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
-    lane = arith.remui(tid, ops.const(32))
-    col = arith.remui(lane, ops.const(_W))
-    row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
-    pair_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+    col, row0 = _thread_coords(ops)
+    pair_ty = ir.VectorType.get((2,), mgpu_utils.dtype_to_ir_type(dtype))
     regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((BK, HEAD_DIM)), dtype=object)
     for h in range(2):  # rows r and r + 8 of the warp's 16
       row = arith.index_cast(index, arith.addi(row0, ops.const(8 * h)))
@@ -276,32 +273,74 @@ def _dequantizer(bits: int):
   return dequant
 
 
+def _thread_coords(ops):
+  """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA tile."""
+  from jax._src.lib.mlir.dialects import arith  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+
+  tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
+  lane = arith.remui(tid, ops.const(32))
+  row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
+  return arith.remui(lane, ops.const(_W)), row0
+
+
+_PT_TRANSFORMS = _swizzled(BK)  # pᵀ [8, BK] bfloat16: 128-byte rows, 128-byte swizzle (`swizzle128_column`)
+
+
+def swizzle128_column(row, col, ops):
+  """Column of element (row, col) of a 16-bit tile with 128-byte rows as stored under a 128-byte
+  swizzle (`SwizzleTransform(128)`, what wgmma reads): 16-byte chunk col / 8 is XORed with row % 8."""
+  return ops.bor(ops.shl(ops.bxor(ops.shr(col, 3), ops.band(row, ops.const(7))), 3), ops.band(col, ops.const(7)))
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=_PT_TRANSFORMS)))
+def _store_transposed(ctx, p, pt_ref):
+  """p [BK, 8] bfloat16 (WGMMA layout) → pt_ref [8, BK] (tiled [1, 1, 8, BK], 128-byte swizzle):
+  each thread writes its 4 values to their transposed, swizzled places."""
+  del ctx
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+
+  ops = _MlirOps()
+  index = ir.IndexType.get()
+  c, row0 = _thread_coords(ops)
+  zero = arith.constant(index, 0)
+  for h in range(2):
+    t = arith.addi(row0, ops.const(8 * h))
+    pair = p.registers[0, 0, 0, 0, h, 0, 0, 0, 0]
+    for e in range(2):
+      r = arith.addi(arith.muli(c, ops.const(2)), ops.const(e))
+      tcol = swizzle128_column(r, t, ops)
+      val = vector.extract(pair, [], [e])
+      memref.store(val, pt_ref, [zero, zero, arith.index_cast(index, r), arith.index_cast(index, tcol)])
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
 def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits, stages):
-  """q [N, 2, 16, D] bf16 (hi, lo; kernel order; rows 8-15 repeat 0-7), par [N, 4, 16] int32
-  (offset bits (float32), lo, hi, unused) per row, kc [N, S, bk·W] u32, kn [N, S'],
+  """q [N, 8, D] float16 (kernel order, rows scaled by powers of two), par [N, 4, 8] int32
+  (offset (float32 bits), lo, hi, q scale (float32 bits)) per row, kc [N, S, bk·W] u32, kn [N, S'],
   vc [N, S, bv·W] u32, vn [N, S'] (N = B·K, S ≥ BK, S' ≥ S: padded norms)
-  → acc [N, splits, D, 16] f32 (value kernel order; column r + 8 holds the lo part of p·‖v‖ of
-  row r), ml [N, splits, 2, 16] f32 (m, l; columns 8-15 repeat 0-7)."""
+  → acc [N, splits, D, 8] f32 (value kernel order), ml [N, splits, 4, 8] f32 (m, l, and two
+  unused rows: a TMA copy moves a multiple of 128 bytes)."""
   n, seq = kc.shape[:2]
   nblocks = pl.cdiv(seq, BK)
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
-  deq_k, deq_v = _dequantizer(k_bits), _dequantizer(v_bits)
+  deq_k, deq_v = _dequantizer(k_bits, jnp.float16), _dequantizer(v_bits, jnp.bfloat16)
   L = plgpu.Layout
+  R = MAX_ROWS
 
   def tq_decode_mgpu(q_gmem, par_gmem, kc_gmem, kn_gmem, vc_gmem, vn_gmem, acc_gmem, ml_gmem,
-             q_smem, par_smem, const_bar, kc_smem, kn_smem, vc_smem, vn_smem, bars,
-             vd_smem, p_smem, out_smem, ml_smem):
+                     q_smem, par_smem, const_bar, kc_smem, kn_smem, vc_smem, vn_smem, bars,
+                     vd_smem, pt_smem, out_smem, ml_smem):
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
     first = split * per_split
     steps = jnp.minimum(first + per_split, nblocks) - first
-    for part in range(2):
-      plgpu.copy_gmem_to_smem(q_gmem.at[bh, part], q_smem.at[part], const_bar.at[part])
-    plgpu.copy_gmem_to_smem(par_gmem.at[bh], par_smem, const_bar.at[2])
+    plgpu.copy_gmem_to_smem(q_gmem.at[bh], q_smem, const_bar.at[0])
+    plgpu.copy_gmem_to_smem(par_gmem.at[bh], par_smem, const_bar.at[1])
 
     def fetch(i, slot):
       rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
@@ -310,16 +349,16 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
-    for b in range(3):
+    for b in range(2):
       plgpu.barrier_wait(const_bar.at[b])
-    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(3)]
+    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(4)]
     offset = lax.bitcast_convert_type(par[0], jnp.float32)
     lo, hi = par[1], par[2]
-    shape = (BK, _N)
+    qscale = lax.bitcast_convert_type(par[3], jnp.float32)
+    shape = (BK, R)
     col = lambda x: lax.broadcast_in_dim(x, shape, [1])
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
     iota = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=L.WGMMA)
-    hi_part = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=L.WGMMA) < MAX_ROWS
 
     def step(i, carry):
       acc, m, lpart = carry
@@ -329,14 +368,13 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
       kdeq = deq_k(kc_smem.at[slot])
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, kdeq, q_smem.at[0].T)
-        plgpu.wgmma(acc_ref, kdeq, q_smem.at[1].T)
+        plgpu.wgmma(acc_ref, kdeq, q_smem.T)
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
       plgpu.barrier_wait(bars.at[4 * slot + 1])
       knorm = plgpu.load(kn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
-      s = s * row(knorm) + col(offset)
+      s = s * col(qscale) * row(knorm) + col(offset)
       if soft_cap is not None:
         s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
       slots = iota + start
@@ -351,20 +389,19 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
       plgpu.barrier_wait(bars.at[4 * slot + 3])
       vnorm = plgpu.load(vn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
       pv = jnp.where(ok, p * row(vnorm), 0.0)  # where: a masked slot's norm may be NaN
-      pv_hi = lax.bitcast_convert_type(lax.bitcast_convert_type(pv, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
       vd_smem[...] = deq_v(vc_smem.at[slot])
-      p_smem[...] = jnp.where(hi_part, pv_hi, pv - pv_hi).astype(jnp.bfloat16)
+      _store_transposed(pv.astype(jnp.bfloat16), pt_smem)
       plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
       pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
 
       def pv_dot(acc_ref):
-        plgpu.wgmma(acc_ref, vd_smem.T, p_smem)
+        plgpu.wgmma(acc_ref, vd_smem.T, pt_smem.T)
 
       acc = pl.run_state(pv_dot)(plgpu.ACC.init(acc * lax.broadcast_in_dim(corr, acc.shape, [1])))
       return acc, m_new, lpart
 
-    acc0 = plgpu.layout_cast(jnp.zeros((HEAD_DIM, _N), jnp.float32), L.WGMMA)
-    m0 = plgpu.layout_cast(jnp.full((_N,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
+    acc0 = plgpu.layout_cast(jnp.zeros((HEAD_DIM, R), jnp.float32), L.WGMMA)
+    m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
     l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
     acc, m, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
     out_smem[...] = acc
@@ -378,25 +415,27 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
   nk, nv = kc.shape[-1], vc.shape[-1]
   run = plgpu.kernel(
       tq_decode_mgpu,
-      out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, _N), jnp.float32),
-                jax.ShapeDtypeStruct((n, splits, 2, _N), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, R), jnp.float32),
+                jax.ShapeDtypeStruct((n, splits, 4, R), jnp.float32)),
       grid=(n, splits),
       grid_names=("bh", "split"),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      # Approximate math (ex2.approx, ~2^-22 relative) only without a soft cap: it would also
+      # approximate tanh (~2^-11 absolute, × the cap on a logit). 2-5 % faster at S = 32k.
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                           approx_math=soft_cap is None),
       scratch_types=[
-          plgpu.SMEM((2, _N, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
-          plgpu.SMEM((4, _N), jnp.int32),
-          plgpu.Barrier(num_barriers=3),
+          plgpu.SMEM((R, HEAD_DIM), jnp.float16, transforms=_swizzled(HEAD_DIM)),
+          plgpu.SMEM((4, R), jnp.int32),
+          plgpu.Barrier(num_barriers=2),
           plgpu.SMEM((stages, BK, nk), jnp.uint32),
           plgpu.SMEM((stages, BK), kn.dtype),
           plgpu.SMEM((stages, BK, nv), jnp.uint32),
           plgpu.SMEM((stages, BK), vn.dtype),
           plgpu.Barrier(num_barriers=4 * stages),
-          # The value dot's two operands need one swizzle: p's 16 columns allow 32 bytes.
-          plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM, swizzle=32)),
-          plgpu.SMEM((BK, _N), jnp.bfloat16, transforms=_swizzled(_N)),
-          plgpu.SMEM((HEAD_DIM, _N), jnp.float32),
-          plgpu.SMEM((2, _N), jnp.float32),
+          plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
+          plgpu.SMEM((R, BK), jnp.bfloat16, transforms=_PT_TRANSFORMS),
+          plgpu.SMEM((HEAD_DIM, R), jnp.float32),
+          plgpu.SMEM((4, R), jnp.float32),
       ],
   )
   return run(q, par, kc, kn, vc, vn)
@@ -421,8 +460,9 @@ def supported(cache) -> tuple[bool, str]:
 
 
 def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
-  """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs ~8 deep in even splits
-  (16 at B·K = 64: 364 µs at S=32k K3/V3 on an H200 against 436 µs with 17), each ≥ 4 blocks."""
+  """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs several deep in even
+  splits, each ≥ 4 blocks (16 at B·K = 64; 8 and 32 splits were within ±2 % of it at S = 32k on
+  an H200, 2026-11-28)."""
   nblocks = pl.cdiv(seq, BK)
   want = 1 << (max(1, ctas // heads).bit_length() - 1)
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
@@ -468,21 +508,30 @@ def decode_partial(
   if num_splits is None:
     num_splits = default_num_splits(n, seq)
 
-  def rows_of(x, fill=0):  # [B, K, G, T, ...] → [N, 16, ...]: rows padded to 8, twice
+  def rows_of(x, fill=0):  # [B, K, G, T, ...] → [N, 8, ...]: rows padded to 8
     x = x.reshape(n, rows, *x.shape[4:])
-    x = jnp.pad(x, [(0, 0), (0, MAX_ROWS - rows)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.concatenate([x, x], axis=1)
+    return jnp.pad(x, [(0, 0), (0, MAX_ROWS - rows)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
-  q = rows_of(pq.q[0].astype(jnp.float32)[..., kernel_perm(k_bits)])
-  q = jnp.stack(bf16.split(q), axis=1)  # [N, 2, 16, D]
-  off = lax.bitcast_convert_type(rows_of(pq.offset.astype(jnp.float32)), jnp.int32)
+  q, qscale = _float16_rows(rows_of(pq.q[0].astype(jnp.float32)[..., kernel_perm(k_bits)]))
+  f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
-  par = jnp.stack([off, rng(lo, seq), rng(hi, 0), jnp.zeros_like(off)], axis=1)  # padded rows attend nothing
+  par = jnp.stack([f32_bits(rows_of(pq.offset.astype(jnp.float32))), rng(lo, seq), rng(hi, 0), f32_bits(qscale)],
+                  axis=1)  # padded rows attend nothing
   acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), k_bits=k_bits, v_bits=v_bits,
                          soft_cap=None if soft_cap is None else float(soft_cap), num_splits=num_splits,
                          stages=stages)
   m, l = ml[:, :, 0, :rows], ml[:, :, 1, :rows]  # [N, splits, R]
-  acc = jnp.swapaxes(acc[..., :rows] + acc[..., MAX_ROWS:MAX_ROWS + rows], -1, -2)  # hi + lo: [N, splits, R, D]
+  acc = jnp.swapaxes(acc[..., :rows], -1, -2)  # [N, splits, R, D]
   acc, m_all, l_all = merge_splits(acc, m, l)
   acc = acc[..., np.argsort(kernel_perm(v_bits))]  # back to the natural order
   return (acc.reshape(b, kh, g, t, d),), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
+
+
+def _float16_rows(q):
+  """q [..., D] float32 → (q / scale as float16, scale [...] float32): per row a power of two that
+  puts max |q| in [256, 512), so float16 keeps q's relative precision (2^-11) at any magnitude
+  (scale 1 for an all-zero row; NaN/Inf stay NaN/Inf)."""
+  amax = jnp.max(jnp.abs(q), axis=-1)
+  _, e = jnp.frexp(jnp.where(jnp.isfinite(amax) & (amax > 0), amax, 256.0))  # amax = f·2^e, f ∈ [0.5, 1)
+  scale = jnp.ldexp(jnp.ones_like(amax), e - 9)
+  return (q / scale[..., None]).astype(jnp.float16), scale

@@ -29,36 +29,67 @@ from tqjax.codebook import lloyd_max
 IS_HOPPER = dispatch._is_hopper()
 
 
-def _bf16_pairs_to_float(pairs):
-  """16 uint32 words of bf16 pairs → [..., 32] float32, low half first."""
+def _pairs_to_float(pairs, dtype):
+  """16 uint32 words of 16-bit pairs of `dtype` → [..., 32] float32, low half first."""
   out = []
   for p in pairs:
     for half in (p & np.uint32(0xFFFF), p >> np.uint32(16)):
-      out.append(half.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32))
+      out.append(half.astype(np.uint16).view(dtype).astype(np.float32))
   return np.stack(out, axis=-1)
 
 
 @pytest.mark.math
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("bits", M.BITS)
-def test_expand_is_the_bf16_codebook_of_unpack(bits):
-  """Every code of every slot and column, through the kernel's byte permutes, equals the bf16
+def test_expand_is_the_codebook_of_unpack(bits, dtype):
+  """Every code of every slot and column, through the kernel's byte permutes, equals the 16-bit
   centroid of `packing.unpack`'s code at the coordinate `kernel_perm` names."""
   rng = np.random.default_rng(bits)
   codes = rng.integers(0, 2**bits, size=(300, M.HEAD_DIM))
   codes[:16] = np.arange(16)[:, None] % 2**bits  # every code in every coordinate
   words = np.asarray(packing.pack(jnp.asarray(codes), bits))
-  tables = M.byte_tables(bits)
-  cb = np.asarray(lloyd_max(bits, M.HEAD_DIM)[0], np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+  tables = M.byte_tables(bits, dtype)
+  cb = np.asarray(lloyd_max(bits, M.HEAD_DIM)[0], np.float32).astype(dtype).astype(np.float32)
   perm = M.kernel_perm(bits)
   w = M.HEAD_DIM // packing.WORD_BITS
   got = np.zeros(codes.shape, np.float32)  # kernel order: column 8k + 2c + e
   for c in range(w):
-    vals = _bf16_pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps))
+    vals = _pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
     for k in range(16):
       for e in range(2):
         got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
   np.testing.assert_array_equal(got, cb[codes[:, perm]])
   assert sorted(perm) == list(range(M.HEAD_DIM))
+
+
+@pytest.mark.math
+def test_swizzle128_column():
+  """pᵀ's store address: within each row a permutation that moves whole 16-byte chunks (8
+  elements) to chunk (col / 8) XOR (row % 8), keeping the offset inside the chunk."""
+  rows, cols = np.meshgrid(np.arange(16, dtype=np.uint32), np.arange(64, dtype=np.uint32), indexing="ij")
+  got = M.swizzle128_column(rows, cols, M.NumpyOps).astype(np.int64)
+  for r in range(16):
+    assert sorted(got[r]) == list(range(64))
+  np.testing.assert_array_equal(got // 8, (cols // 8) ^ (rows % 8))
+  np.testing.assert_array_equal(got % 8, cols % 8)
+
+
+@pytest.mark.math
+def test_float16_rows():
+  """q rows → float16 at a power-of-two scale: max |q / scale| in [256, 512) for every finite
+  nonzero row (tiny, huge), relative error ≤ 2^-11 of the row max, zero rows → scale 1, NaN kept."""
+  r = np.random.default_rng(0)
+  q = r.standard_normal((6, 128)) * np.asarray([1e-30, 1e-3, 1.0, 3e4, 1e30, 1.0])[:, None]
+  q[5] = 0.0
+  q16, scale = (np.asarray(x, np.float64) for x in M._float16_rows(jnp.asarray(q, jnp.float32)))
+  assert np.all(np.log2(scale) == np.round(np.log2(scale)))
+  amax = np.abs(q16).max(axis=1)
+  assert np.all((amax[:5] >= 256) & (amax[:5] < 512)) and scale[5] == 1 and amax[5] == 0
+  q32 = np.asarray(jnp.asarray(q, jnp.float32), np.float64)
+  err = np.abs(q16 * scale[:, None] - q32).max(axis=1)
+  assert np.all(err <= 2.0**-11 * np.abs(q32).max(axis=1) + 1e-300)
+  q[2, 7] = np.nan
+  assert np.isnan(np.asarray(M._float16_rows(jnp.asarray(q, jnp.float32))[0][2, 7]))
 
 
 @pytest.mark.math
@@ -105,10 +136,10 @@ def test_lowers_for_h100(case):
         lowering_platforms=("cuda",))
 
 
-# The kernel's operands are bfloat16: centroids rounded once (relative error ≤ 2^-9, the same
-# for every coordinate of a code, so a logit moves by up to 2^-9·|logit|, and p·l with it), q and
-# p·‖v‖ split hi + lo (~2^-16). With |logit| ≲ 5 here that bounds l and o by ~1e-2; measured
-# 0.6-6.4e-3 on an H200 (2026-11-28).
+# The key dot runs in float16: centroids and q (at a power-of-two scale per row) rounded to 2^-11
+# relative, so a logit moves by ≲ 2^-10·Σ|q_j k_j| (≈ 1e-3·|logit| scale, and p·l with it). The
+# value dot runs in bfloat16: centroids (the same for every coordinate of a code) and p·‖v‖ each
+# ≤ 2^-9 relative, so o moves by ≲ 2^-8 ≈ 4e-3. Bound: 1e-2.
 TOL = 1e-2
 
 GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window

@@ -19,6 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from pallas_kernels import decode_attention_gpu as K
 from pallas_kernels import dispatch
+from test_decode_mgpu import TOL as MOSAIC_TOL
 from tqjax import cache as C
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm_l6_qkv.npz"
@@ -284,4 +285,7 @@ def test_gpu_compiled_matches_reference(case):
   assert dispatch.default_implementation(cache) == "pallas"
   out = jax.jit(lambda c, q: C.attention(c, q, soft_cap=cap, sliding_window=sw))(cache, q)
   ref = jax.jit(lambda c, q: C.attention(c, q, soft_cap=cap, sliding_window=sw, implementation="xla"))(cache, q)
-  assert _rel(out, ref) < 2e-3
+  # The default is the Mosaic GPU kernel where it applies (bf16 value dot: its own bound, derived
+  # in test_decode_mgpu), else this Triton kernel with tf32 dots.
+  bound = MOSAIC_TOL if dispatch._mosaic_decode(cache, g) else 2e-3
+  assert _rel(out, ref) < bound, (_rel(out, ref), bound)
