@@ -1,8 +1,9 @@
 """Fused decode attention on Hopper GPUs (Pallas Mosaic GPU) over the packed TurboQuant cache.
 
 The contract of `tqjax.cache.compressed_partial_reference` (as `decode_attention_gpu`, the
-Triton kernel, which handles every config this one does not) for: mse keys and values of 1-4
-bits, head_dim 128, no outlier channels, at most 8 query rows (G·T) per kv head.
+Triton kernel, which handles every config this one does not) for: mse or prod keys and mse
+values of 1-4 codebook bits (prod: a QJL sketch of 128 rows), head_dim 128, no outlier channels,
+at most 8 query rows (G·T) per kv head.
 
 Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 64-token blocks of
 packed key/value codes and norms through a TMA pipeline and keeps an online softmax:
@@ -22,7 +23,9 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
 * Keys: logitsᵀ [64 tokens, 8] = K̂ [64, 128] (A from registers) · qᵀ in float16, the ≤ 8 query
   rows padded to 8 (the wgmma N) and scaled per row by a power of two (`_float16_rows`); × q
   scale × key norms, + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching
-  past S gets zeros from TMA, masked too).
+  past S gets zeros from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign
+  words are a 1-bit row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second
+  float16 wgmma against S·q/(κ·m), × the residual norms.
 * Online softmax over the tokens (a cross-warp max per block); l is kept per thread and reduced
   once at the end. Without a soft cap exp is approximate (ex2.approx).
 * Values: V̂ [64, 128] is dequantized the same way (bfloat16) and stored to shared memory; p·‖v‖
@@ -32,8 +35,9 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
 
 Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
 20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 185 µs, K4/V4
-213 µs per call against cuDNN bf16's 259 µs (1.40×, 1.21×); Nsight Compute puts one K3/V3
-launch at 154 µs (4 CTAs per SM, 109 registers). Still bound by issue and latency, each
+213 µs per call against cuDNN bf16's 259 µs (1.40×, 1.21×); K3 prod/V3 234 µs against 274 µs
+(1.17×, another run). Nsight Compute puts one K3/V3 launch at 154 µs (4 CTAs per SM, 109
+registers). Still bound by issue and latency, each
 warpgroup running its stages in sequence (kernel_notes.md, sessions 4-5).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
@@ -46,6 +50,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
@@ -184,19 +189,29 @@ def kernel_perm(bits: int) -> np.ndarray:
 
 
 def byte_tables(bits: int, dtype, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
-  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of the 16-bit lookup table
-  (`dtype`: bfloat16 or float16): the codebook (b ≤ 3, zero-padded to 8 entries) or its 8
-  non-negative magnitudes (b = 4; the sign is the top bit of the high byte in both)."""
+  """The lookup table of the `bits`-bit codebook in `dtype` (bfloat16 or float16): the codebook
+  (b ≤ 3, zero-padded to 8 entries) or its 8 non-negative magnitudes (b = 4; the sign is the top
+  bit of the high byte in both dtypes). See `table_words`."""
   c = np.asarray(lloyd_max(bits, dim)[0], np.float64)
   if bits == 4:
     if not np.allclose(c[8:], -c[7::-1], rtol=1e-12, atol=0):
       raise AssertionError("the 4-bit codebook is not symmetric")
     c = c[8:]
+  return table_words(c, dtype)
+
+
+def table_words(values, dtype) -> tuple[int, int, int, int]:
+  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of ≤ 8 `values` in the 16-bit
+  `dtype`, zero-padded to 8 entries: the four registers `_lookup` permutes."""
+  values = np.asarray(values, np.float64)
   u16 = np.zeros(8, np.uint16)
-  u16[: c.size] = c.astype(np.float32).astype(dtype).view(np.uint16)
+  u16[: values.size] = values.astype(np.float32).astype(dtype).view(np.uint16)
   lo, hi = (u16 & 0xFF).astype(np.uint32), (u16 >> 8).astype(np.uint32)
   word = lambda b: int(b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24))
   return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+SIGN_TABLE = table_words([-1.0, 1.0], np.float16)  # QJL sign bits 0 / 1 → −1 / +1 (1-bit `expand`)
 
 
 class _MlirOps:
@@ -239,10 +254,9 @@ class _MlirOps:
     return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
 
 
-def _dequantizer(bits: int, dtype):
+def _dequantizer(bits: int, dtype, tables):
   """inline_mgpu function: words ref [BK, b·W] uint32 (SMEM) → [BK, D] `dtype` (bfloat16 or
-  float16) in the WGMMA layout, columns in kernel order (`kernel_perm`)."""
-  tables = byte_tables(bits, dtype)
+  float16) in the WGMMA layout, columns in kernel order (`kernel_perm`), values from `tables`."""
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(),),
@@ -318,23 +332,31 @@ def _store_transposed(ctx, p, pt_ref):
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits, stages):
-  """q [N, 8, D] float16 (kernel order, rows scaled by powers of two), par [N, 4, 8] int32
-  (offset (float32 bits), lo, hi, q scale (float32 bits)) per row, kc [N, S, bk·W] u32, kn [N, S'],
-  vc [N, S, bv·W] u32, vn [N, S'] (N = B·K, S ≥ BK, S' ≥ S: padded norms)
-  → acc [N, splits, D, 8] f32 (value kernel order), ml [N, splits, 4, 8] f32 (m, l, and two
-  unused rows: a TMA copy moves a multiple of 128 bytes)."""
+def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
+  """q [N, 8 or 16, D] float16 (kernel order; rows scaled by powers of two; rows 8-15: the QJL
+  projections S·q of prod keys), par [N, 8, 8] int32 per row: offset, q scale (float32 bits),
+  lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32,
+  vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32 and residual norms kr [N, S']
+  (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, splits, D, 8] f32 (value kernel order),
+  ml [N, splits, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple of 128 bytes)."""
   n, seq = kc.shape[:2]
   nblocks = pl.cdiv(seq, BK)
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
-  deq_k, deq_v = _dequantizer(k_bits, jnp.float16), _dequantizer(v_bits, jnp.bfloat16)
+  prod = ks is not None
+  deq_k = _dequantizer(k_bits, jnp.float16, byte_tables(k_bits, np.float16))
+  deq_v = _dequantizer(v_bits, jnp.bfloat16, byte_tables(v_bits, ml_dtypes.bfloat16))
+  deq_s = _dequantizer(1, jnp.float16, SIGN_TABLE)
+  streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), one barrier each
   L = plgpu.Layout
   R = MAX_ROWS
 
-  def tq_decode_mgpu(q_gmem, par_gmem, kc_gmem, kn_gmem, vc_gmem, vn_gmem, acc_gmem, ml_gmem,
-                     q_smem, par_smem, const_bar, kc_smem, kn_smem, vc_smem, vn_smem, bars,
-                     vd_smem, pt_smem, out_smem, ml_smem):
+  def tq_decode_mgpu(*refs):
+    gmem, (q_smem, par_smem, const_bar, *stage_smem, bars, vd_smem, pt_smem, out_smem, ml_smem) = (
+        refs[:streams + 2], refs[streams + 4:])
+    q_gmem, par_gmem, *stage_gmem = gmem
+    acc_gmem, ml_gmem = refs[streams + 2:streams + 4]
+    kc_smem, kn_smem, vc_smem, vn_smem = stage_smem[:4]
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
     first = split * per_split
@@ -344,37 +366,53 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
 
     def fetch(i, slot):
       rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
-      for t, (src, dst) in enumerate(((kc_gmem, kc_smem), (kn_gmem, kn_smem), (vc_gmem, vc_smem), (vn_gmem, vn_smem))):
-        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[4 * slot + t])
+      for t, (src, dst) in enumerate(zip(stage_gmem, stage_smem)):
+        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[streams * slot + t])
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
     for b in range(2):
       plgpu.barrier_wait(const_bar.at[b])
-    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(4)]
-    offset = lax.bitcast_convert_type(par[0], jnp.float32)
-    lo, hi = par[1], par[2]
-    qscale = lax.bitcast_convert_type(par[3], jnp.float32)
+    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(5)]
+    f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
+    offset, qscale, lo, hi, sqscale = f32(par[0]), f32(par[1]), par[2], par[3], f32(par[4])
     shape = (BK, R)
     col = lambda x: lax.broadcast_in_dim(x, shape, [1])
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
     iota = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=L.WGMMA)
+    norm = lambda ref, slot: plgpu.load(ref.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
+    wait = lambda slot, t: plgpu.barrier_wait(bars.at[streams * slot + t])
+
+    def logits(slot):
+      """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
+      wait(slot, 0)
+      kdeq = deq_k(kc_smem.at[slot])
+      if not prod:
+
+        def dot(acc_ref):
+          plgpu.wgmma(acc_ref, kdeq, q_smem.at[pl.ds(0, R)].T)
+          return acc_ref[...]
+
+        return pl.run_scoped(dot, plgpu.ACC(shape, jnp.float32)) * col(qscale)
+      wait(slot, 4)
+      sdeq = deq_s(stage_smem[4].at[slot])
+
+      def dots(acc_ref, qjl_ref):
+        plgpu.wgmma(acc_ref, kdeq, q_smem.at[pl.ds(0, R)].T)
+        plgpu.wgmma(qjl_ref, sdeq, q_smem.at[pl.ds(R, R)].T)
+        return acc_ref[...], qjl_ref[...]
+
+      s, qjl = pl.run_scoped(dots, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+      wait(slot, 5)
+      return s * col(qscale) + qjl * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def step(i, carry):
       acc, m, lpart = carry
       slot = lax.rem(i, stages)
       start = (first + i) * BK
-      plgpu.barrier_wait(bars.at[4 * slot])
-      kdeq = deq_k(kc_smem.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, kdeq, q_smem.T)
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-      plgpu.barrier_wait(bars.at[4 * slot + 1])
-      knorm = plgpu.load(kn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
-      s = s * col(qscale) * row(knorm) + col(offset)
+      s = logits(slot)
+      wait(slot, 1)
+      s = s * row(norm(kn_smem, slot)) + col(offset)
       if soft_cap is not None:
         s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
       slots = iota + start
@@ -385,10 +423,9 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
       p = jnp.exp(s - col(m_safe))
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
       lpart = lpart * col(corr) + p
-      plgpu.barrier_wait(bars.at[4 * slot + 2])
-      plgpu.barrier_wait(bars.at[4 * slot + 3])
-      vnorm = plgpu.load(vn_smem.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
-      pv = jnp.where(ok, p * row(vnorm), 0.0)  # where: a masked slot's norm may be NaN
+      wait(slot, 2)
+      wait(slot, 3)
+      pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
       vd_smem[...] = deq_v(vc_smem.at[slot])
       _store_transposed(pv.astype(jnp.bfloat16), pt_smem)
       plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
@@ -412,7 +449,9 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
     plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh, split])
     plgpu.wait_smem_to_gmem(0)
 
-  nk, nv = kc.shape[-1], vc.shape[-1]
+  inputs = (q, par, kc, kn, vc, vn) + ((ks, kr) if prod else ())
+  stage_types = [plgpu.SMEM((stages, BK, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, BK), x.dtype)
+                 for x in inputs[2:]]
   run = plgpu.kernel(
       tq_decode_mgpu,
       out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, R), jnp.float32),
@@ -424,21 +463,18 @@ def _decode_call(q, par, kc, kn, vc, vn, *, k_bits, v_bits, soft_cap, num_splits
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            approx_math=soft_cap is None),
       scratch_types=[
-          plgpu.SMEM((R, HEAD_DIM), jnp.float16, transforms=_swizzled(HEAD_DIM)),
-          plgpu.SMEM((4, R), jnp.int32),
+          plgpu.SMEM(q.shape[1:], jnp.float16, transforms=_swizzled(HEAD_DIM)),
+          plgpu.SMEM(par.shape[1:], jnp.int32),
           plgpu.Barrier(num_barriers=2),
-          plgpu.SMEM((stages, BK, nk), jnp.uint32),
-          plgpu.SMEM((stages, BK), kn.dtype),
-          plgpu.SMEM((stages, BK, nv), jnp.uint32),
-          plgpu.SMEM((stages, BK), vn.dtype),
-          plgpu.Barrier(num_barriers=4 * stages),
+          *stage_types,
+          plgpu.Barrier(num_barriers=streams * stages),
           plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
           plgpu.SMEM((R, BK), jnp.bfloat16, transforms=_PT_TRANSFORMS),
           plgpu.SMEM((HEAD_DIM, R), jnp.float32),
           plgpu.SMEM((4, R), jnp.float32),
       ],
   )
-  return run(q, par, kc, kn, vc, vn)
+  return run(*inputs)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -452,10 +488,10 @@ def supported(cache) -> tuple[bool, str]:
   if cfg.head_dim != HEAD_DIM:
     return False, f"head_dim={cfg.head_dim} (the Mosaic GPU decode kernel does {HEAD_DIM})"
   for name, tq in (("keys", cache.k.quantizer), ("values", cache.v.quantizer)):
-    if tq.config.variant != "mse":
-      return False, f"{name} use variant={tq.config.variant!r} (the Mosaic GPU decode kernel does mse)"
-    if tq.config.bits not in BITS:
-      return False, f"{name} use {tq.config.bits} bits, not in {BITS}"
+    if tq.config.mse_bits not in BITS:
+      return False, f"{name} use {tq.config.mse_bits} codebook bits, not in {BITS}"
+    if tq.config.variant == "prod" and tq.config.sketch_dim != HEAD_DIM:
+      return False, f"{name} use a QJL sketch of {tq.config.sketch_dim} rows, not {HEAD_DIM}"
   return True, ""
 
 
@@ -493,13 +529,16 @@ def decode_partial(
     raise ValueError(f"G·T = {g}·{t} = {rows} query rows per kv head exceed {MAX_ROWS=}")
   if stages < 1:
     raise ValueError(f"{stages=} must be ≥ 1")
-  k_bits, v_bits = cache.k.quantizer.config.bits, cache.v.quantizer.config.bits
+  kq = cache.k.quantizer
+  k_bits, v_bits = kq.config.mse_bits, cache.v.quantizer.config.mse_bits
   kc, kn = cache.k.main.codes, cache.k.main.norms
   vc, vn = cache.v.main.codes, cache.v.main.norms
+  ks, kr = cache.k.main.qjl_signs, cache.k.main.residual_norms  # prod keys, else None
+  prod = kq.qjl is not None
   seq = cache.capacity
   if seq < BK:  # tiny caches: pad to one block (padding slots are never attended)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, BK - seq)] + [(0, 0)] * (x.ndim - 3))
-    kc, kn, vc, vn = map(pad, (kc, kn, vc, vn))
+    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, BK - seq)] + [(0, 0)] * (x.ndim - 3))
+    kc, kn, vc, vn, ks, kr = map(pad, (kc, kn, vc, vn, ks, kr))
     seq = BK
   n = b * kh
   flat = lambda x: x.reshape(n, seq, *x.shape[3:])
@@ -513,11 +552,18 @@ def decode_partial(
     return jnp.pad(x, [(0, 0), (0, MAX_ROWS - rows)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
   q, qscale = _float16_rows(rows_of(pq.q[0].astype(jnp.float32)[..., kernel_perm(k_bits)]))
+  sqscale = jnp.zeros_like(qscale)
+  if prod:  # the QJL term ‖r‖·(S·q)·signs / (κ·m) is a second dot against rows 8-15 of q
+    coef = jnp.float32(1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim))
+    sq, sqscale = _float16_rows(rows_of(pq.sq[0].astype(jnp.float32)[..., kernel_perm(1)] * coef))
+    q = jnp.concatenate([q, sq], axis=1)
   f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
-  par = jnp.stack([f32_bits(rows_of(pq.offset.astype(jnp.float32))), rng(lo, seq), rng(hi, 0), f32_bits(qscale)],
-                  axis=1)  # padded rows attend nothing
-  acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), k_bits=k_bits, v_bits=v_bits,
+  par = [f32_bits(rows_of(pq.offset.astype(jnp.float32))), f32_bits(qscale), rng(lo, seq), rng(hi, 0),
+         f32_bits(sqscale)]  # padded rows attend nothing
+  par = jnp.stack(par + [jnp.zeros_like(par[0])] * 3, axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
+  qjl = (flat(ks), norms(kr)) if prod else ()
+  acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), *qjl, k_bits=k_bits, v_bits=v_bits,
                          soft_cap=None if soft_cap is None else float(soft_cap), num_splits=num_splits,
                          stages=stages)
   m, l = ml[:, :, 0, :rows], ml[:, :, 1, :rows]  # [N, splits, R]

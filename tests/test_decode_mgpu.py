@@ -63,6 +63,27 @@ def test_expand_is_the_codebook_of_unpack(bits, dtype):
 
 
 @pytest.mark.math
+def test_expand_of_qjl_signs_is_plus_minus_one():
+  """The QJL sign words through `expand` with `SIGN_TABLE` are `qjl.signs` (±1, exact in float16)
+  at the coordinates `kernel_perm(1)` names."""
+  from tqjax import qjl as Q
+
+  sk = Q.make_qjl(M.HEAD_DIM)
+  r = np.random.default_rng(1).standard_normal((200, M.HEAD_DIM))
+  words = np.asarray(Q.qjl_encode(sk, jnp.asarray(r, jnp.float32))[0])
+  want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, M.kernel_perm(1)]
+  w = M.HEAD_DIM // packing.WORD_BITS
+  got = np.zeros(want.shape, np.float32)
+  for c in range(w):
+    vals = _pairs_to_float(M.expand([words[:, c]], 1, M.SIGN_TABLE, M.NumpyOps), np.float16)
+    for k in range(16):
+      for e in range(2):
+        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+  np.testing.assert_array_equal(got, want)
+  assert set(np.unique(got)) == {-1.0, 1.0}
+
+
+@pytest.mark.math
 def test_swizzle128_column():
   """pᵀ's store address: within each row a permutation that moves whole 16-byte chunks (8
   elements) to chunk (col / 8) XOR (row % 8), keeping the offset inside the chunk."""
@@ -105,7 +126,9 @@ def test_numpy_prmt_model():
 def test_supported_and_errors():
   cfg = C.CacheConfig(head_dim=128, k_bits=3, v_bits=3)
   assert M.supported(C.init_cache(cfg, 1, 1, 8)) == (True, "")
-  for kw, word in ((dict(k_variant="prod"), "variant"), (dict(head_dim=64), "head_dim"),
+  for kb in (2, 5):  # prod keys: 1 or 4 codebook bits + the QJL row
+    assert M.supported(C.init_cache(C.CacheConfig(head_dim=128, k_bits=kb, v_bits=3, k_variant="prod"), 1, 1, 8))[0]
+  for kw, word in ((dict(k_variant="prod", k_bits=1), "codebook bits"), (dict(head_dim=64), "head_dim"),
                    (dict(v_bits=5), "bits"), (dict(outlier_channels=32), "outlier")):
     ok, why = M.supported(C.init_cache(C.CacheConfig(**{**dict(head_dim=128, k_bits=3, v_bits=3), **kw}), 1, 1, 8))
     assert not ok and word in why
@@ -116,19 +139,22 @@ def test_supported_and_errors():
     M.decode_partial(cache, pq, lo, hi)
 
 
-LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap
-    (3, 3, "float16", 4, 1, 32768, None),
-    (4, 4, "float32", 8, 1, 1000, 30.0),
-    (2, 1, "bfloat16", 2, 2, 37, None),
-    (1, 2, "float16", 1, 1, 4133, 20.0),
+LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap, key variant
+    (3, 3, "float16", 4, 1, 32768, None, "mse"),
+    (4, 4, "float32", 8, 1, 1000, 30.0, "mse"),
+    (2, 1, "bfloat16", 2, 2, 37, None, "mse"),
+    (1, 2, "float16", 1, 1, 4133, 20.0, "mse"),
+    (3, 3, "float16", 4, 1, 32768, None, "prod"),
+    (5, 2, "float32", 8, 1, 100, 30.0, "prod"),
 ]
 
 
 @pytest.mark.lowering
-@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: f"k{c[0]}v{c[1]}-{c[2]}-g{c[3]}t{c[4]}-s{c[5]}")
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: f"k{c[0]}{c[7]}v{c[1]}-{c[2]}-g{c[3]}t{c[4]}-s{c[5]}")
 def test_lowers_for_h100(case):
-  kb, vb, nd, g, t, s, cap = case
-  cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, norm_dtype=nd), 2, 3, s))
+  kb, vb, nd, g, t, s, cap, var = case
+  cfg = C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
+  cache = jax.eval_shape(lambda: C.init_cache(cfg, 2, 3, s))
   pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, 128), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
@@ -149,12 +175,15 @@ GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window
     (dict(k_bits=1, v_bits=4, norm_dtype="bfloat16"), 1, 3, 1, 1, 300, [299], None, 100),
     (dict(k_bits=3, v_bits=2), 2, 1, 4, 2, 50, [50, 7], None, None),
     (dict(k_bits=4, v_bits=1, center_keys=False), 1, 2, 2, 1, 1000, [1000], 20.0, None),
+    (dict(k_bits=3, v_bits=3, k_variant="prod"), 2, 2, 4, 1, 3001, [3001, 1], None, None),
+    (dict(k_bits=5, v_bits=2, k_variant="prod", norm_dtype="float32"), 1, 2, 8, 1, 700, [650], 30.0, None),
+    (dict(k_bits=2, v_bits=4, k_variant="prod"), 2, 1, 2, 2, 40, [40, 3], None, 10),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"k{c[0]['k_bits']}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"k{c[0]['k_bits']}{c[0].get('k_variant', 'mse')}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}")
 def test_gpu_compiled_matches_reference(case):
   cfgkw, b, kh, g, t, s, lengths, cap, win = case
   r = np.random.default_rng(s)
