@@ -1,11 +1,12 @@
 """The Mosaic GPU decode kernel (pallas_kernels/decode_mgpu.py) against the float32 oracle.
 
-Tiers: `math` (its byte-permute dequantizer on NumPy uint32 words, exact, on CPU), `lowering`
-(Mosaic GPU lowering for an abstract H100, on CPU), `gpu` (compiled kernel on a Hopper GPU,
-skipped elsewhere). Mosaic GPU's interpret mode does not run `inline_mgpu` code, so the kernel
-body runs only in the `gpu` tier; the dequantizer it inlines is the code the `math` tier runs
-(`expand` is written once against an ops object: NumPy here, MLIR in the kernel).
-"""
+Tiers: `math` (on CPU: its byte-permute dequantizer on NumPy uint32 words, exact; its XLA-side
+wrapper with the kernel body replaced by a plain-jnp model of it, `_kernel_model`, on the GPU
+tier's cases), `lowering` (Mosaic GPU lowering for an abstract H100, on CPU), `gpu` (compiled
+kernel on a Hopper GPU, skipped elsewhere). Mosaic GPU's interpret mode does not run
+`inline_mgpu` code, so the kernel body runs only in the `gpu` tier; the dequantizer it inlines
+is the code the `math` tier runs (`expand` is written once against an ops object: NumPy here,
+MLIR in the kernel)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -181,10 +183,13 @@ GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"k{c[0]['k_bits']}{c[0].get('k_variant', 'mse')}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}")
-def test_gpu_compiled_matches_reference(case):
+def _case_id(c):
+  return f"k{c[0]['k_bits']}{c[0].get('k_variant', 'mse')}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}"
+
+
+def _check_case(case, decode_partial):
+  """decode_partial (the contract of `decode_partial_reference`) on a prefilled random cache: no
+  NaN, the same empty rows, l and o within TOL of the float32 reference, empty rows exactly 0."""
   cfgkw, b, kh, g, t, s, lengths, cap, win = case
   r = np.random.default_rng(s)
   cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=128, **cfgkw), b, kh, s),
@@ -192,7 +197,7 @@ def test_gpu_compiled_matches_reference(case):
                     jnp.asarray(r.standard_normal((b, kh, s, 128)), jnp.float32), jnp.asarray(lengths, jnp.int32))
   pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, 128)) * 2, jnp.float32), 1 / math.sqrt(128))
   lo, hi = C.query_ranges(cache, t, win)
-  (acc, m, l) = M.decode_partial(cache, pq, lo, hi, cap)
+  (acc, m, l) = decode_partial(cache, pq, lo, hi, cap)
   (acc_r, m_r, l_r) = decode_attention_gpu.decode_partial_reference(cache, pq, lo, hi, cap)
   acc, m, l, acc_r, m_r, l_r = (np.asarray(x, np.float64) for x in (acc[0], m, l, acc_r[0], m_r, l_r))
   assert not (np.isnan(acc).any() or np.isnan(m).any() or np.isnan(l).any())
@@ -204,6 +209,56 @@ def test_gpu_compiled_matches_reference(case):
   o_r = acc_r / np.where(l_r > 0, l_r, 1.0)[..., None]
   assert np.linalg.norm(o - o_r) < TOL * np.linalg.norm(o_r)
   assert np.all(acc[l_r == 0] == 0)
+
+
+def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
+  """`M._decode_call` in plain jnp, one split: the same inputs (layouts, kernel coordinate
+  order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
+  del num_splits, stages
+  seq = kc.shape[1]
+  f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
+  offset, qscale, lo, hi, sqscale = f32(par[:, 0]), f32(par[:, 1]), par[:, 2], par[:, 3], f32(par[:, 4])  # [N, 8]
+
+  def deq(words, bits, dtype, values):  # [N, S, b·W] → [N, S, D] kernel order
+    table = jnp.asarray(np.asarray(values, np.float32).astype(dtype).astype(np.float32))
+    return table[packing.unpack(words, bits, M.HEAD_DIM)][..., M.kernel_perm(bits)]
+
+  dot = lambda x, y: jnp.einsum("nsd,nrd->nsr", x, y.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  cb = lambda bits: lloyd_max(bits, M.HEAD_DIM)[0]
+  s = dot(deq(kc, k_bits, np.float16, cb(k_bits)), q[:, :8]) * qscale[:, None]
+  if ks is not None:
+    signs = deq(ks, 1, np.float16, [-1.0, 1.0])
+    s = s + dot(signs, q[:, 8:]) * sqscale[:, None] * kr[:, :seq, None].astype(jnp.float32)
+  s = s * kn[:, :seq, None].astype(jnp.float32) + offset[:, None]
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  slots = jnp.arange(seq)[None, :, None]
+  ok = (slots >= lo[:, None]) & (slots < hi[:, None])
+  s = jnp.where(ok, s, -jnp.inf)
+  m = jnp.max(s, axis=1)
+  p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[:, None])
+  pv = jnp.where(ok, p * vn[:, :seq, None].astype(jnp.float32), 0.0).astype(jnp.bfloat16).astype(jnp.float32)
+  acc = jnp.einsum("nsd,nsr->ndr", deq(vc, v_bits, ml_dtypes.bfloat16, cb(v_bits)), pv,
+                   precision=lax.Precision.HIGHEST)
+  l = jnp.sum(p, axis=1)
+  return acc[:, None], jnp.stack([m, l, jnp.zeros_like(m), jnp.zeros_like(m)], axis=1)[:, None]
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_wrapper_with_kernel_model_matches_reference(case, monkeypatch):
+  """`decode_partial`'s XLA side (query permutation and float16 scaling, S·q, `par`, padding of
+  tiny caches and norms, merge, un-permutation) on CPU, with the kernel body replaced by
+  `_kernel_model`: the GPU cases, against the float32 reference."""
+  monkeypatch.setattr(M, "_decode_call", _kernel_model)
+  _check_case(case, M.decode_partial.__wrapped__)  # not jitted: no trace cached with the real kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_compiled_matches_reference(case):
+  _check_case(case, M.decode_partial)
 
 
 @pytest.mark.gpu
