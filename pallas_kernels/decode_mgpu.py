@@ -352,10 +352,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   R = MAX_ROWS
 
   def tq_decode_mgpu(*refs):
-    gmem, (q_smem, par_smem, const_bar, *stage_smem, bars, vd_smem, pt_smem, out_smem, ml_smem) = (
-        refs[:streams + 2], refs[streams + 4:])
-    q_gmem, par_gmem, *stage_gmem = gmem
-    acc_gmem, ml_gmem = refs[streams + 2:streams + 4]
+    n_in = streams + 2
+    q_gmem, par_gmem, *stage_gmem = refs[:n_in]
+    acc_gmem, ml_gmem = refs[n_in:n_in + 2]
+    q_smem, par_smem, const_bar, *stage_smem, bars, vd_smem, pt_smem, out_smem, ml_smem = refs[n_in + 2:]
     kc_smem, kn_smem, vc_smem, vn_smem = stage_smem[:4]
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
@@ -386,25 +386,21 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
       wait(slot, 0)
-      kdeq = deq_k(kc_smem.at[slot])
+      operands = [deq_k(kc_smem.at[slot])]  # A operands against rows 0-7 (q) and 8-15 (S·q) of q_smem
+      if prod:
+        wait(slot, 4)
+        operands.append(deq_s(stage_smem[4].at[slot]))
+
+      def dots(*acc_refs):
+        for i, (acc_ref, a) in enumerate(zip(acc_refs, operands)):
+          plgpu.wgmma(acc_ref, a, q_smem.at[pl.ds(i * R, R)].T)
+        return [acc_ref[...] for acc_ref in acc_refs]
+
+      s, *qjl = pl.run_scoped(dots, *[plgpu.ACC(shape, jnp.float32)] * len(operands))
       if not prod:
-
-        def dot(acc_ref):
-          plgpu.wgmma(acc_ref, kdeq, q_smem.at[pl.ds(0, R)].T)
-          return acc_ref[...]
-
-        return pl.run_scoped(dot, plgpu.ACC(shape, jnp.float32)) * col(qscale)
-      wait(slot, 4)
-      sdeq = deq_s(stage_smem[4].at[slot])
-
-      def dots(acc_ref, qjl_ref):
-        plgpu.wgmma(acc_ref, kdeq, q_smem.at[pl.ds(0, R)].T)
-        plgpu.wgmma(qjl_ref, sdeq, q_smem.at[pl.ds(R, R)].T)
-        return acc_ref[...], qjl_ref[...]
-
-      s, qjl = pl.run_scoped(dots, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+        return s * col(qscale)
       wait(slot, 5)
-      return s * col(qscale) + qjl * col(sqscale) * row(norm(stage_smem[5], slot))
+      return s * col(qscale) + qjl[0] * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def step(i, carry):
       acc, m, lpart = carry

@@ -40,6 +40,19 @@ def _pairs_to_float(pairs, dtype):
   return np.stack(out, axis=-1)
 
 
+def _expand_rows(words, bits, tables, dtype):
+  """Packed rows words [n, b·W] through `expand` for every column → [n, D] float32 in kernel
+  order (column 8k + 2c + e from column c's pair k, half e)."""
+  w = M.HEAD_DIM // packing.WORD_BITS
+  got = np.zeros((words.shape[0], M.HEAD_DIM), np.float32)
+  for c in range(w):
+    vals = _pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
+    for k in range(16):
+      for e in range(2):
+        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+  return got
+
+
 @pytest.mark.math
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("bits", M.BITS)
@@ -53,13 +66,7 @@ def test_expand_is_the_codebook_of_unpack(bits, dtype):
   tables = M.byte_tables(bits, dtype)
   cb = np.asarray(lloyd_max(bits, M.HEAD_DIM)[0], np.float32).astype(dtype).astype(np.float32)
   perm = M.kernel_perm(bits)
-  w = M.HEAD_DIM // packing.WORD_BITS
-  got = np.zeros(codes.shape, np.float32)  # kernel order: column 8k + 2c + e
-  for c in range(w):
-    vals = _pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
-    for k in range(16):
-      for e in range(2):
-        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+  got = _expand_rows(words, bits, tables, dtype)
   np.testing.assert_array_equal(got, cb[codes[:, perm]])
   assert sorted(perm) == list(range(M.HEAD_DIM))
 
@@ -74,13 +81,7 @@ def test_expand_of_qjl_signs_is_plus_minus_one():
   r = np.random.default_rng(1).standard_normal((200, M.HEAD_DIM))
   words = np.asarray(Q.qjl_encode(sk, jnp.asarray(r, jnp.float32))[0])
   want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, M.kernel_perm(1)]
-  w = M.HEAD_DIM // packing.WORD_BITS
-  got = np.zeros(want.shape, np.float32)
-  for c in range(w):
-    vals = _pairs_to_float(M.expand([words[:, c]], 1, M.SIGN_TABLE, M.NumpyOps), np.float16)
-    for k in range(16):
-      for e in range(2):
-        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+  got = _expand_rows(words, 1, M.SIGN_TABLE, np.float16)
   np.testing.assert_array_equal(got, want)
   assert set(np.unique(got)) == {-1.0, 1.0}
 
