@@ -103,7 +103,7 @@ def main(argv=None) -> None:
               print(f"kernel {name}: failed to run: {str(e).splitlines()[0][:200]}", flush=True)
     if not interpret:
       for bits_, t_ in ((3, tq), (4, tq4)):
-        for wgs in (1, 2, 3):
+        for wgs in (2, 3, 4):
           for stages in (2, 3):
             row(f"encode K alone, {bits_}-bit, centred, Mosaic GPU wgs={wgs} stages={stages}",
                 lambda x, m, w=wgs, s=stages, q=t_: encode_mgpu.encode(q, x, m, wgs=w, stages=s), [(kk, mean)])

@@ -2,24 +2,28 @@
 
 The same contract as `encode_gpu.encode` (and `tqjax.cache.encode_tokens`: x − a per-group mean)
 for mse quantizers, bfloat16 inputs, d ∈ {64, 128} and token counts per group that are multiples
-of 64; `encode_gpu` (Triton) does everything else. On an H100 (2026-11-28) a prefill of K, V
-[8, 8, 32768, 128] took 2.26 ms (K3/V3) and 2.24 ms (K4/V4) with it against 2.68 and 2.92 ms with
-the Triton encode; one tensor's encode ran 1.04-1.8x faster, varying between runs
-(experiments/results/bench_encode_*, kernel_notes.md). It is faster because the structure
-Triton cannot express is explicit here:
+of 64; `encode_gpu` (Triton) does everything else. On an H200 (2026-11-28, K, V bf16
+[8, 8, 32768, 128], same run): one tensor's encode took 740-816 µs (the bf16 hi + lo rotation it
+replaced from shared memory: 858-1024 µs), a prefill 1631 µs (K3/V3) and 1993 µs (K4/V4) against
+873 µs for a bf16 read + write of K and V (experiments/results/kernel_notes.md, session 6).
+It is faster than the Triton encode because the structure Triton cannot express is explicit here:
 
-* Persistent CTAs: each holds Π (bf16 hi + lo parts, as in `encode_gpu`) and the packing
-  matrices in shared memory for its whole life and runs `wgs` warpgroups, each streaming its own
-  contiguous range of 64-token blocks through a TMA pipeline (`stages` blocks in flight).
-* y = x·P_hi + x·P_lo accumulates in one wgmma accumulator [64, d] (natural coordinate order).
+* Persistent CTAs: each holds Π (float16) and the packing matrices in shared memory for its
+  whole life and runs `wgs` warpgroups, each streaming its own contiguous range of 64-token
+  blocks through a TMA pipeline (`stages` blocks in flight).
+* x (− the group mean) is loaded from shared memory into registers in the wgmma layout; its norm
+  and finiteness come from there, in float32. Each row is scaled by a power of two
+  (`_float16_row_scales`) into float16 and y = x·Πᵀ is one float16 wgmma with x from registers
+  [64, d] (natural coordinate order), scaled back with the inverse norm. Π's float16 rounding
+  (2^-11 relative, as tf32) moves y by ~2e-4/√d rms for a unit x: a coordinate that close to a
+  codebook boundary may take the neighbouring level, as with the XLA path's own tf32-class dot.
 * Quantize in registers (`quantize_fields`): the symmetric-codebook count of `encode_gpu`
   (|y| nudged one float up when y ≤ 0, float 0/1 steps), the code as a float, its parts' fields.
 * Pack on the tensor cores: each field (an integer < 2^p, exact in bf16) times a matrix of
   powers of two (`pack_matrices`, exact in bf16) gives, per packed word, its low and its high 16
   bits as exact integers in float32 (sums of disjoint bits below 2^16); two wgmmas per part.
   Any coordinate order packs the same way, so no kernel-order permutation is needed.
-* The norm and the finiteness check come from x itself (loaded from shared memory in the wgmma
-  layout), the norm correction (if the quantizer has it) from per-element Σĉ² steps, as in
+* The norm correction (if the quantizer has it) comes from per-element Σĉ² steps, as in
   `encode_gpu`; rows that are not
   kept (non-finite; with a mean, ‖x − mean‖ = 0) quantize y · NaN, which fails every compare and
   gives the zero direction's codes. Codes leave as [T, 16·⌈b·W/16⌉] words (the padding is sliced
@@ -40,7 +44,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import bf16
 from pallas_kernels.encode_gpu import _tables, group_tokens, nudged_magnitude
 from tqjax import packing
 from tqjax.quantizer import Code, Quantizer, _check_vectors
@@ -107,6 +110,16 @@ def quantize_fields(y, bits: int, bounds, squares, sq):
   return [code - h * posf, posf], sq
 
 
+def _float16_row_scales(amax):
+  """amax [...] float32 (a row's max |x|) → (up, down) [...] float32, powers of two with up·down = 1:
+  max |x·up| ∈ [256, 512), so x·up keeps 11 significant bits in float16 down to 2^-14 (bf16 x
+  exactly). amax below 2^-100 counts as 2^-100 (a zero row gets finite scales); Inf or NaN give
+  meaningless ones: such rows are not kept."""
+  e = lax.bitcast_convert_type(jnp.maximum(amax, jnp.float32(2.0**-100)), jnp.uint32) & jnp.uint32(0x7F800000)
+  up = lax.bitcast_convert_type(jnp.uint32((127 + 127 + 8) << 23) - e, jnp.float32)  # 2^(8 − E), amax = 2^E·f
+  return up, lax.bitcast_convert_type(e - jnp.uint32(8 << 23), jnp.float32)
+
+
 def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = None):
   """SMEM transforms for a wgmma operand: the widest swizzle its rows allow, or `swizzle`."""
   swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize_bits)
@@ -145,17 +158,15 @@ def encode(
   ctas = ctas or jax.devices()[0].core_count
   workers = ctas * wgs
   bounds, _, squares = _tables(bits, d)
-  rot = dense_matrix(tq.rotation).T.astype(jnp.float32)  # y = x @ rot
-  p_hi, p_lo = bf16.split(rot)
+  p16 = dense_matrix(tq.rotation).T.astype(jnp.float16)  # y = x @ Πᵀ: entries ≤ 1, 2^-11 relative
   mats = jnp.asarray(pack_matrices(bits, d), jnp.bfloat16)  # powers of two: exact
   nparts, n_out = mats.shape[0], mats.shape[-1]
   correct = cfg.norm_correction
   if mean is None:
     mean = jnp.zeros((1, d), jnp.float32)
-  mean_rot = jnp.dot(mean, rot, precision=lax.Precision.HIGHEST)
 
-  def kernel(x_gmem, phi_gmem, plo_gmem, m_gmem, mean_gmem, mrot_gmem, codes_gmem, norms_gmem,
-             phi_smem, plo_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem, x_bar, c_smem, c_bar):
+  def kernel(x_gmem, p_gmem, m_gmem, mean_gmem, codes_gmem, norms_gmem,
+             p_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem, x_bar, c_smem, c_bar):
     wg = lax.axis_index("wg")
     worker = lax.axis_index("cta") * wgs + wg
     first = worker * nblocks // workers
@@ -163,50 +174,46 @@ def encode(
 
     @pl.when(wg == 0)
     def _():
-      plgpu.copy_gmem_to_smem(phi_gmem, phi_smem, const_bar.at[0])
-      plgpu.copy_gmem_to_smem(plo_gmem, plo_smem, const_bar.at[1])
+      plgpu.copy_gmem_to_smem(p_gmem, p_smem, const_bar.at[0])
       for k in range(nparts):
         for half in range(2):
-          plgpu.copy_gmem_to_smem(m_gmem.at[k, half], m_smem.at[k, half], const_bar.at[2 + 2 * k + half])
+          plgpu.copy_gmem_to_smem(m_gmem.at[k, half], m_smem.at[k, half], const_bar.at[1 + 2 * k + half])
 
     def fetch(i, slot):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds((first + i) * BT, BT)], x_smem.at[wg, slot],
                               x_bar.at[wg * stages + slot])
-      if centred:  # the block's group mean and mean·P
+      if centred:  # the block's group mean
         group = (first + i) * BT // tokens
-        for k, ref in enumerate((mean_gmem, mrot_gmem)):
-          plgpu.copy_gmem_to_smem(ref.at[group], c_smem.at[wg, slot, k], c_bar.at[(wg * stages + slot) * 2 + k])
+        plgpu.copy_gmem_to_smem(mean_gmem.at[group], c_smem.at[wg, slot], c_bar.at[wg * stages + slot])
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
-    for b in range(2 + 2 * nparts):
+    for b in range(1 + 2 * nparts):
       plgpu.barrier_wait(const_bar.at[b])
 
     def step(i, carry):
       slot = lax.rem(i, stages)
       plgpu.barrier_wait(x_bar.at[wg * stages + slot])
-      xs = x_smem.at[wg, slot]
+      xc = plgpu.load(x_smem.at[wg, slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      if centred:
+        plgpu.barrier_wait(c_bar.at[wg * stages + slot])
+        mu = plgpu.load(c_smem.at[wg, slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        xc = xc - lax.broadcast_in_dim(mu, (BT, d), [1])
+      amax = jnp.max(jnp.abs(xc), axis=1)
+      norm2 = jnp.sum(xc * xc, axis=1)
+      finite = (amax < jnp.inf) & (norm2 == norm2)
+      norm = jnp.sqrt(norm2)
+      keep = finite & (norm > 0) if centred else finite
+      up, down = _float16_row_scales(amax)
+      row = lambda v: lax.broadcast_in_dim(v, (BT, d), [0])
 
       def rotate(acc_ref):
-        plgpu.wgmma(acc_ref, xs, phi_smem)
-        plgpu.wgmma(acc_ref, xs, plo_smem)
+        plgpu.wgmma(acc_ref, (xc * row(up)).astype(jnp.float16), p_smem)
         return acc_ref[...]
 
       acc = pl.run_scoped(rotate, plgpu.ACC((BT, d), jnp.float32))
-      xc = plgpu.load(xs, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-      if centred:
-        def row(k):
-          plgpu.barrier_wait(c_bar.at[(wg * stages + slot) * 2 + k])
-          vec = plgpu.load(c_smem.at[wg, slot, k], layout=plgpu.Layout.WGMMA.reduce(0))
-          return lax.broadcast_in_dim(vec, (BT, d), [1])
-        xc = xc - row(0)
-        acc = acc - row(1)
-      norm2 = jnp.sum(xc * xc, axis=1)
-      finite = (jnp.max(jnp.abs(xc), axis=1) < jnp.inf) & (norm2 == norm2)
-      norm = jnp.sqrt(norm2)
-      keep = finite & (norm > 0) if centred else finite
-      inv = jnp.where(keep, 1.0 / jnp.where(norm > 0, norm, 1.0), jnp.nan)
-      y = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+      inv = jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)
+      y = acc * row(inv)
       fields, sq = quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]) if correct else None)
       fields = [f.astype(jnp.bfloat16) for f in fields]
 
@@ -245,17 +252,16 @@ def encode(
       num_threads=wgs,
       thread_name="wg",
       scratch_types=[
-          plgpu.SMEM((d, d), jnp.bfloat16, transforms=_swizzled(d)),
-          plgpu.SMEM((d, d), jnp.bfloat16, transforms=_swizzled(d)),
+          plgpu.SMEM((d, d), jnp.float16, transforms=_swizzled(d)),
           plgpu.SMEM((nparts, 2, d, n_out), jnp.bfloat16, transforms=_swizzled(n_out)),
-          plgpu.Barrier(num_barriers=2 + 2 * nparts),
+          plgpu.Barrier(num_barriers=1 + 2 * nparts),
           plgpu.SMEM((wgs, stages, BT, d), jnp.bfloat16, transforms=_swizzled(d)),
           plgpu.SMEM((wgs, 2, BT, n_out), jnp.uint32),
           plgpu.SMEM((wgs, 2, BT), jnp.float32),
           plgpu.Barrier(num_barriers=wgs * stages),
-          plgpu.SMEM((wgs, stages, 2, d), jnp.float32),
-          plgpu.Barrier(num_barriers=wgs * stages * 2),
+          plgpu.SMEM((wgs, stages, d), jnp.float32),
+          plgpu.Barrier(num_barriers=wgs * stages),
       ],
   )
-  codes, norms = run(xg.reshape(n, d), p_hi, p_lo, mats, mean, mean_rot)
+  codes, norms = run(xg.reshape(n, d), p16, mats, mean)
   return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead))

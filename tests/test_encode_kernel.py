@@ -478,11 +478,12 @@ def prefill_inputs(seed, b, kh, t):
   return k, jnp.asarray(rng.standard_normal((b, kh, t, 128)), jnp.bfloat16)
 
 
-def default_prefill_matches_xla(empty, k, v, lengths):
-  """The default prefill (implementation=None: the kernels on a GPU) against the XLA prefill."""
+def default_prefill_matches_xla(empty, k, v, lengths, precision="high"):
+  """The default prefill (implementation=None: the kernels on a GPU, rotating at `precision`) against
+  the XLA prefill."""
   got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
   want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
-  _check_caches(got, want, k, v, lengths, gpu=True)
+  _check_caches(got, want, k, v, lengths, precision, gpu=True)
 
 
 

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import use_abstract_mesh
@@ -64,6 +65,26 @@ def test_quantize_fields_and_pack_matrices_exact(d, bits):
 
 
 @pytest.mark.math
+def test_float16_row_scales():
+  """Powers of two with up·down = 1 putting max |x·up| in [256, 512) for every row max from 2^-100
+  up (below: as 2^-100; 0 included), so bfloat16 rows are exact in float16 down to 2^-14."""
+  amax = np.concatenate([[0.0, 1e-45, 2.0**-126, 2.0**-100 / 3],
+                         np.ldexp(np.linspace(1, 1.999, 7)[:, None], np.arange(-100, 128, 9)[None]).ravel(),
+                         [np.float32(3.3e38)]]).astype(np.float32)
+  up, down = map(np.asarray, jax.jit(M._float16_row_scales)(jnp.asarray(amax)))
+  mant, _ = np.frexp(np.concatenate([up, down]))
+  assert np.all(mant == 0.5), "not powers of two"
+  np.testing.assert_array_equal(up.astype(np.float64) * down, 1.0)
+  top = np.maximum(amax, np.float32(2.0**-100)).astype(np.float64) * up
+  assert np.all((top >= 256) & (top < 512)), top
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((amax.size, 64)) * amax[:, None] / 4).astype(ml_dtypes.bfloat16).astype(np.float32)
+  xs = x.astype(np.float64) * up[:, None]
+  normal = np.abs(xs) >= 2.0**-14
+  np.testing.assert_array_equal(xs.astype(np.float16)[normal], xs[normal])
+
+
+@pytest.mark.math
 def test_supported_and_errors():
   assert M.supported(Q.make_quantizer(128, 3), jnp.bfloat16, 4096) == (True, "")
   for tq, dtype, tokens, why in (
@@ -96,6 +117,10 @@ def test_lowers_for_h100(case):
     jax.jit(functools.partial(M.encode, ctas=132, wgs=wgs)).trace(tq, x, mean).lower(lowering_platforms=("cuda",))
 
 
+# The kernel rotates in float16 (Π rounded to 2^-11 relative, x·2^k, centred x too), a tf32-class
+# dot: `_tols("tf32", gpu=True)` lets a code flip within 5e-3/√d of a boundary, ~25x the y rms error.
+PRECISION = "tf32"
+
 GPU_CASES = [  # d, bits, norm correction, norm dtype, lead dims, mean, ctas
     (128, 3, True, "float16", (4, 8, 1024), True, None),
     (128, 4, True, "float16", (4, 8, 1024), False, None),
@@ -110,7 +135,8 @@ GPU_CASES = [  # d, bits, norm correction, norm dtype, lead dims, mean, ctas
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"d{c[0]}b{c[1]}-{c[3]}{'-mean' if c[5] else ''}")
 def test_gpu_compiled_matches_xla_encode(case):
   d, bits, nc, nd, lead, with_mean, ctas = case
-  gpu_encode_matches_xla(functools.partial(M.encode, ctas=ctas), d, bits, nc, nd, jnp.bfloat16, lead, with_mean)
+  gpu_encode_matches_xla(functools.partial(M.encode, ctas=ctas), d, bits, nc, nd, jnp.bfloat16, lead, with_mean,
+                         PRECISION)
 
 
 @pytest.mark.gpu
@@ -123,4 +149,4 @@ def test_gpu_prefill_default_is_the_mosaic_kernel():
   empty = C.init_cache(C.CacheConfig(head_dim=128, k_bits=4, v_bits=3), 2, 4, 1024 + 64)
   mean = jnp.zeros((2, 4, 128), jnp.float32)
   assert dispatch._mosaic_encode(empty.k.quantizer, k, mean) and dispatch._mosaic_encode(empty.v.quantizer, v, None)
-  default_prefill_matches_xla(empty, k, v, lengths)
+  default_prefill_matches_xla(empty, k, v, lengths, PRECISION)
