@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     if not interpret:
       for bits_, t_ in ((3, tq), (4, tq4)):
         for wgs, stages in ((2, 2), (2, 3), (3, 2), (3, 3), (4, 2)):  # 4 x 3 stages: > 227 KB of SMEM
-            row(f"encode K alone, {bits_}-bit, centred, Mosaic GPU wgs={wgs} stages={stages}",
+          row(f"encode K alone, {bits_}-bit, centred, Mosaic GPU wgs={wgs} stages={stages}",
               lambda x, m, w=wgs, s=stages, q=t_: encode_mgpu.encode(q, x, m, wgs=w, stages=s), [(kk, mean)])
   kf = kk.astype(jnp.float32)
   for prec in ("HIGHEST", "HIGH", "DEFAULT"):
