@@ -132,6 +132,18 @@ def test_write_prefix_equals_scatter(t, s):
                                 C.scatter_tokens(norms, src[..., 0].astype(jnp.float16), pos, ok))
 
 
+def test_prefill_key_mean_ignores_padding():
+  """The key mean is over each sequence's real tokens; NaN/Inf in the padding never enter it."""
+  b, kh, d, t = 2, 2, 32, 9
+  k, v = _kv(jax.random.key(3), b, kh, t, d)
+  k = k.at[0, :, 5:].set(jnp.nan).at[1, 0, 8].set(jnp.inf)
+  lengths = jnp.asarray([5, 8], jnp.int32)
+  cache = C.prefill(C.init_cache(C.CacheConfig(d, k_bits=3, v_bits=3), b, kh, 16), k, v, lengths)
+  kk = np.asarray(k, np.float64)
+  want = np.stack([kk[0, :, :5].mean(1), kk[1, :, :8].mean(1)])
+  np.testing.assert_allclose(np.asarray(cache.key_mean), want, rtol=1e-6, atol=1e-6)
+
+
 def test_prefill_equals_appends_and_scan_decode_loop():
   """prefill of T tokens == T single-token appends (bitwise), also inside lax.scan / while_loop."""
   b, kh, d, t = 2, 2, 32, 7

@@ -318,9 +318,10 @@ def _valid_count(lengths, t: int, b: int, op: str) -> jax.Array:
 
 
 def _masked_mean(x: jax.Array, count: jax.Array) -> jax.Array:
-  """Mean over tokens t < count[b] of x [B, K, T, D] → [B, K, D] (0 where count is 0)."""
-  m = (jnp.arange(x.shape[2])[None, :] < count[:, None]).astype(jnp.float32)[:, None, :, None]
-  return jnp.sum(x * m, axis=2) / jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
+  """Mean over tokens t < count[b] of x [B, K, T, D] → [B, K, D] (0 where count is 0); the other
+  tokens are never read into it (NaN padding included)."""
+  m = (jnp.arange(x.shape[2])[None, :] < count[:, None])[:, None, :, None]
+  return jnp.sum(jnp.where(m, x, 0.0), axis=2) / jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
 
 
 def _outlier_perm(x: jax.Array, count: jax.Array, n_out: int) -> jax.Array:
@@ -363,16 +364,22 @@ def prefill(
 
 
 def prefill_with_encoder(
-    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens
+    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens,
+    key_mean: jax.Array | None = None,
 ) -> KVCache:
   """`prefill` with `encoder(tq, x, mean)` in place of `encode_tokens` (same contract), which is
-  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`)."""
+  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`); key_mean [B, K, D] float32:
+  the masked mean of k if a kernel computed it already (caches with center_keys only)."""
   _check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
   count = _valid_count(lengths, t, b, "prefill")
   new = cache
+  if key_mean is not None and (cache.key_mean is None or key_mean.shape != cache.key_mean.shape):
+    raise ValueError(f"key_mean {key_mean.shape} given for a cache whose key_mean is "
+                     f"{None if cache.key_mean is None else cache.key_mean.shape}")
   if cache.key_mean is not None:
-    new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
+    mean = _masked_mean(k.astype(jnp.float32), count) if key_mean is None else key_mean.astype(jnp.float32)
+    new = dataclasses.replace(new, key_mean=mean)
   if cache.config.outlier_channels:
     n = cache.config.outlier_channels
     kf = k.astype(jnp.float32)
