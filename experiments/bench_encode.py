@@ -66,6 +66,10 @@ def main(argv=None) -> None:
         lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
     row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), pallas{tag}",
         lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret), [(empty, kk, vv)])
+    # The rows above write into a cache passed in (not donated: XLA copies it); a prefill that
+    # starts the cache in the same call writes the codes straight into the new buffers.
+    row(f"prefill K{bits}/V{bits} into a cache made in the same call, pallas{tag}",
+        lambda k, v, cfg=cfg: dispatch.prefill(C.init_cache(cfg, b, kh, t), k, v, interpret=interpret), [(kk, vv)])
     if not interpret:  # kernel options select the Triton kernel (the default above is Mosaic GPU on Hopper)
       row(f"prefill K{bits}/V{bits}, pallas with the Triton encode",
           lambda c, k, v: dispatch.prefill(c, k, v, num_warps=4), [(empty, kk, vv)])
