@@ -163,15 +163,6 @@ def _mosaic_encode(tq, x, mean) -> bool:
   return _is_hopper() and encode_mgpu.supported(tq, x.dtype, tokens)[0]
 
 
-def _fused_key_mean(cache, k, v) -> bool:
-  """Whether the prefill's key mean comes from `encode_mgpu.encode_with_block_sums` (the keys'
-  block sums read while the values encode): a centred cache without outlier channels whose keys
-  and values both go through the Mosaic GPU encode."""
-  if cache.key_mean is None or cache.config.outlier_channels:
-    return False
-  return _mosaic_encode(cache.k.quantizer, k, cache.key_mean) and _mosaic_encode(cache.v.quantizer, v, None)
-
-
 def prefill(
     cache,  # tqjax.cache.KVCache
     k,  # [B, K, T, D]
@@ -183,8 +174,7 @@ def prefill(
     **kernel_options,
 ):
   """`tqjax.cache.prefill` with the fused encode kernels: `pallas_kernels.encode_mgpu.encode`
-  (Mosaic GPU) where it applies on a Hopper GPU (and where keys and values both do, the values'
-  encode also sums the keys for their mean), else `pallas_kernels.encode_gpu.encode` (Triton),
+  (Mosaic GPU) where it applies on a Hopper GPU, else `pallas_kernels.encode_gpu.encode` (Triton),
   which kernel_options (block_t, num_warps, ...) and interpret=True select explicitly.
 
   xla_fallback=False (implementation="pallas"): raises ValueError naming the reason unless the
@@ -200,17 +190,7 @@ def prefill(
     if not ok:
       raise ValueError(f'implementation="pallas" is not available for this prefill: {why}')
 
-  key_mean = v_code = None
-  if not interpret and not kernel_options and _fused_key_mean(cache, k, v):
-    from pallas_kernels import encode_mgpu  # noqa: PLC0415
-
-    v_code, sums = encode_mgpu.encode_with_block_sums(cache.v.quantizer, v, k)
-    count = tq_cache._valid_count(lengths, k.shape[2], cache.batch_size, "prefill")
-    key_mean = encode_mgpu.masked_mean(k, sums, count)
-
   def encoder(tq, x, mean=None):
-    if x is v and v_code is not None:
-      return v_code
     if xla_fallback and not _encode_support(tq, (x.dtype,), backend)[0]:
       return tq_cache.encode_tokens(tq, x, mean)
     if not interpret and not kernel_options and _mosaic_encode(tq, x, mean):
@@ -219,4 +199,4 @@ def prefill(
       return encode_mgpu.encode(tq, x, mean)
     return encode_gpu.encode(tq, x, mean, interpret=interpret, **kernel_options)
 
-  return tq_cache.prefill_with_encoder(cache, k, v, lengths, encoder=encoder, key_mean=key_mean)
+  return tq_cache.prefill_with_encoder(cache, k, v, lengths, encoder=encoder)

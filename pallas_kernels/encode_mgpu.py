@@ -3,9 +3,9 @@
 The same contract as `encode_gpu.encode` (and `tqjax.cache.encode_tokens`: x − a per-group mean)
 for mse quantizers, bfloat16 inputs, d ∈ {64, 128} and token counts per group that are multiples
 of 64; `encode_gpu` (Triton) does everything else. On an H200 (2026-11-28, K, V bf16
-[8, 8, 32768, 128], same run): one tensor's encode took 740-816 µs (the bf16 hi + lo rotation it
-replaced from shared memory: 858-1024 µs), a prefill 1631 µs (K3/V3) and 1993 µs (K4/V4) against
-873 µs for a bf16 read + write of K and V (experiments/results/kernel_notes.md, session 6).
+[8, 8, 32768, 128], 10 calls back to back) one tensor's encode took 530-600 µs, and a prefill
+K3/V3 1271-1293 µs = 1.83-1.91x a bf16 read + write of K and V (K4/V4: 2.14-2.21x;
+experiments/results/bench_encode_NVIDIA_H200_2026-11-28_pipelined10.md, kernel_notes.md).
 It is faster than the Triton encode because the structure Triton cannot express is explicit here:
 
 * Persistent CTAs: each holds Π (float16) and the packing matrices in shared memory for its
@@ -139,58 +139,16 @@ def encode(
     mean: jax.Array | None = None,  # [..., d] float32: subtracted from every token of its group
     *,
     ctas: int | None = None,
-    wgs: int = 2,
+    wgs: int = 3,
     stages: int = 2,
 ) -> Code:
   """`encode_gpu.encode(tq, x, mean)` for what `supported` accepts (raises ValueError otherwise).
 
   ctas: persistent CTAs (default: the device's SM count); wgs: warpgroups per CTA, each with its
   own pipeline of `stages` blocks; the CTAs' warpgroups split the blocks into contiguous ranges.
+  3 warpgroups (173 KB of shared memory at d = 128) encoded 6-13 % faster than 2 on an H200
+  (2026-11-28, 10 calls back to back).
   """
-  return _encode(tq, x, mean, None, ctas=ctas, wgs=wgs, stages=stages)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("ctas", "stages"))
-def encode_with_block_sums(
-    tq: Quantizer,
-    x: jax.Array,  # [..., d] bfloat16, no mean (a prefill's values)
-    other: jax.Array,  # x.shape bfloat16 (the same prefill's keys)
-    *,
-    ctas: int | None = None,
-    stages: int = 2,
-) -> tuple[Code, jax.Array]:
-  """(`encode(tq, x)`, sums [n / BT, d] float32 of other's rows in blocks of BT, n = x.size / d):
-  the key sums of a prefill's key mean, read while the values encode (`masked_mean`), in place
-  of a separate pass over the keys. Two warpgroups per CTA (a third's buffers would not fit)."""
-  if other.shape != x.shape or other.dtype != x.dtype:
-    raise ValueError(f"other must match x: {other.shape} {other.dtype} vs {x.shape} {x.dtype}")
-  return _encode(tq, x, None, other, ctas=ctas, wgs=2, stages=stages)
-
-
-def masked_mean(
-    x: jax.Array,  # [B, K, T, D] (T a multiple of BT)
-    sums: jax.Array,  # [B·K·T / BT, D] float32: x's block sums (`encode_with_block_sums`)
-    count: jax.Array,  # [B] int32 ≤ T
-) -> jax.Array:
-  """`tqjax.cache._masked_mean(x, count)` [B, K, D] from x's block sums: the blocks below count
-  whole, plus the valid rows of the one block count falls in (read from x)."""
-  b, kh, t, d = x.shape
-  if t % BT or sums.shape != (b * kh * t // BT, d):
-    raise ValueError(f"sums must be [{b * kh * t // BT}, {d}] block sums of x {x.shape} (T a multiple of {BT})")
-  nb = t // BT
-  full = count // BT  # [B]: whole valid blocks
-  blocks = jnp.arange(nb)[None, None, :, None] < full[:, None, None, None]
-  total = jnp.sum(jnp.where(blocks, sums.reshape(b, kh, nb, d), 0.0), axis=2)
-  start = jnp.minimum(full, nb - 1) * BT  # count = T: the last block, every row masked below
-  part = jax.vmap(lambda xb, s: lax.dynamic_slice_in_dim(xb, s, BT, axis=1))(x, start)  # [B, K, BT, D]
-  rows = start[:, None] + jnp.arange(BT)[None, :]
-  valid = (rows >= (full * BT)[:, None]) & (rows < count[:, None])
-  total = total + jnp.sum(jnp.where(valid[:, None, :, None], part.astype(jnp.float32), 0.0), axis=2)
-  return total / jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
-
-
-def _encode(tq, x, mean, other, *, ctas, wgs, stages):
-  """`encode`, and with `other` (x's shape, no mean) also other's block sums (else None)."""
   _check_vectors(tq, x, "x")
   cfg = tq.config
   d, bits = cfg.dim, cfg.bits
@@ -202,10 +160,8 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
     raise ValueError(f"the Mosaic GPU encode kernel does not support this input: {why}")
   nw = packing.packed_words(d, bits)
   lead = x.shape[:-1]
-  summing = other is not None
   if groups * tokens == 0:
-    empty = jnp.zeros((0, d), jnp.float32) if summing else None
-    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype)), empty
+    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype))
   nblocks = groups * tokens // BT
   ctas = ctas or _sm_count()
   workers = ctas * wgs
@@ -213,17 +169,12 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
   p16 = dense_matrix(tq.rotation).T.astype(jnp.float16)  # y = x @ Πᵀ: entries ≤ 1, 2^-11 relative
   mats = jnp.asarray(pack_matrices(bits, d), jnp.bfloat16)  # powers of two: exact
   nparts, n_out = mats.shape[0], mats.shape[-1]
-  nconst = 1 + 2 * nparts + summing  # barriers of the CTA's constants: Π, packing matrices (, e0)
   correct = cfg.norm_correction
   if mean is None:
     mean = jnp.zeros((1, d), jnp.float32)
 
-  def kernel(x_gmem, p_gmem, m_gmem, mean_gmem, *refs):
-    if summing:  # other's rows, e0 [8, BT] (row 0 ones); sums out; their buffers and barriers
-      (o_gmem, e0_gmem, codes_gmem, norms_gmem, sums_gmem, p_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem,
-       x_bar, c_smem, c_bar, o_smem, o_bar, e0_smem, sums_smem) = refs
-    else:
-      codes_gmem, norms_gmem, p_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem, x_bar, c_smem, c_bar = refs
+  def kernel(x_gmem, p_gmem, m_gmem, mean_gmem, codes_gmem, norms_gmem,
+             p_smem, m_smem, const_bar, x_smem, out_smem, nrm_smem, x_bar, c_smem, c_bar):
     wg = lax.axis_index("wg")
     worker = lax.axis_index("cta") * wgs + wg
     first = worker * nblocks // workers
@@ -235,8 +186,6 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
       for k in range(nparts):
         for half in range(2):
           plgpu.copy_gmem_to_smem(m_gmem.at[k, half], m_smem.at[k, half], const_bar.at[1 + 2 * k + half])
-      if summing:
-        plgpu.copy_gmem_to_smem(e0_gmem, e0_smem, const_bar.at[nconst - 1])
 
     def fetch(i, slot):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds((first + i) * BT, BT)], x_smem.at[wg, slot],
@@ -244,13 +193,10 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
       if centred:  # the block's group mean
         group = (first + i) * BT // tokens
         plgpu.copy_gmem_to_smem(mean_gmem.at[group], c_smem.at[wg, slot], c_bar.at[wg * stages + slot])
-      if summing:
-        plgpu.copy_gmem_to_smem(o_gmem.at[pl.ds((first + i) * BT, BT)], o_smem.at[wg, slot],
-                                o_bar.at[wg * stages + slot])
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
-    for b in range(nconst):
+    for b in range(1 + 2 * nparts):
       plgpu.barrier_wait(const_bar.at[b])
 
     def step(i, carry):
@@ -269,18 +215,11 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
       up, down = _float16_row_scales(amax)
       row = lambda v: lax.broadcast_in_dim(v, (BT, d), [0])
 
-      if summing:  # other's block [BT, d]: its column sums are column 0 of blockᵀ · e0ᵀ [d, 8]
-        plgpu.barrier_wait(o_bar.at[wg * stages + slot])
-
-      def dots(acc_ref, *sum_ref):  # one wait for both
+      def rotate(acc_ref):
         plgpu.wgmma(acc_ref, (xc * row(up)).astype(jnp.float16), p_smem)
-        if summing:
-          plgpu.wgmma(sum_ref[0], o_smem.at[wg, slot].T, e0_smem.T)
-        return acc_ref[...], [r[...] for r in sum_ref]
+        return acc_ref[...]
 
-      acc, sums = pl.run_scoped(dots, plgpu.ACC((BT, d), jnp.float32), *[plgpu.ACC((d, 8), jnp.float32)] * summing)
-      if summing:
-        block_sum = jnp.sum(sums[0], axis=1)
+      acc = pl.run_scoped(rotate, plgpu.ACC((BT, d), jnp.float32))
       inv = jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)
       y = acc * row(inv)
       fields, sq = quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]) if correct else None)
@@ -300,54 +239,37 @@ def _encode(tq, x, mean, other, *, ctas, wgs, stages):
       if correct:
         scale = scale / jnp.sqrt(jnp.sum(sq, axis=1))
       out = lax.rem(i, 2)
-      # this slot's copies of step i − 2 are done (each copy is a group; step i − 1's may be pending)
-      plgpu.wait_smem_to_gmem(2 + summing, wait_read_only=True)
+      plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # this slot's copies of step i − 2 are done
       out_smem[wg, out] = words
       nrm_smem[wg, out] = scale
-      if summing:
-        sums_smem[wg, out] = block_sum
       plgpu.commit_smem()
       rows = pl.ds((first + i) * BT, BT)
       plgpu.copy_smem_to_gmem(out_smem.at[wg, out], codes_gmem.at[rows])
       plgpu.copy_smem_to_gmem(nrm_smem.at[wg, out], norms_gmem.at[rows])
-      if summing:
-        plgpu.copy_smem_to_gmem(sums_smem.at[wg, out], sums_gmem.at[first + i])
       return carry
 
     lax.fori_loop(0, steps, step, 0)
     plgpu.wait_smem_to_gmem(0)
 
   n = groups * tokens
-  outs = [jax.ShapeDtypeStruct((n, n_out), jnp.uint32), jax.ShapeDtypeStruct((n,), jnp.float32)]
-  scratch = [
-      plgpu.SMEM((d, d), jnp.float16, transforms=_swizzled(d)),
-      plgpu.SMEM((nparts, 2, d, n_out), jnp.bfloat16, transforms=_swizzled(n_out)),
-      plgpu.Barrier(num_barriers=nconst),
-      plgpu.SMEM((wgs, stages, BT, d), jnp.bfloat16, transforms=_swizzled(d)),
-      plgpu.SMEM((wgs, 2, BT, n_out), jnp.uint32),
-      plgpu.SMEM((wgs, 2, BT), jnp.float32),
-      plgpu.Barrier(num_barriers=wgs * stages),
-      plgpu.SMEM((wgs, stages, d), jnp.float32),
-      plgpu.Barrier(num_barriers=wgs * stages),
-  ]
-  inputs = [xg.reshape(n, d), p16, mats, mean]
-  if summing:
-    outs.append(jax.ShapeDtypeStruct((nblocks, d), jnp.float32))
-    scratch += [
-        plgpu.SMEM((wgs, stages, BT, d), jnp.bfloat16, transforms=_swizzled(d)),
-        plgpu.Barrier(num_barriers=wgs * stages),
-        plgpu.SMEM((8, BT), jnp.bfloat16, transforms=_swizzled(BT)),
-        plgpu.SMEM((wgs, 2, d), jnp.float32),
-    ]
-    inputs += [other.reshape(n, d), jnp.zeros((8, BT), jnp.bfloat16).at[0].set(1)]
   run = plgpu.kernel(
       kernel,
-      out_type=tuple(outs),
+      out_type=(jax.ShapeDtypeStruct((n, n_out), jnp.uint32), jax.ShapeDtypeStruct((n,), jnp.float32)),
       grid=(ctas,),
       grid_names=("cta",),
       num_threads=wgs,
       thread_name="wg",
-      scratch_types=scratch,
+      scratch_types=[
+          plgpu.SMEM((d, d), jnp.float16, transforms=_swizzled(d)),
+          plgpu.SMEM((nparts, 2, d, n_out), jnp.bfloat16, transforms=_swizzled(n_out)),
+          plgpu.Barrier(num_barriers=1 + 2 * nparts),
+          plgpu.SMEM((wgs, stages, BT, d), jnp.bfloat16, transforms=_swizzled(d)),
+          plgpu.SMEM((wgs, 2, BT, n_out), jnp.uint32),
+          plgpu.SMEM((wgs, 2, BT), jnp.float32),
+          plgpu.Barrier(num_barriers=wgs * stages),
+          plgpu.SMEM((wgs, stages, d), jnp.float32),
+          plgpu.Barrier(num_barriers=wgs * stages),
+      ],
   )
-  codes, norms, *sums = run(*inputs)
-  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead)), (sums or [None])[0]
+  codes, norms = run(xg.reshape(n, d), p16, mats, mean)
+  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead))

@@ -19,8 +19,7 @@ from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import dispatch, encode_gpu
 from pallas_kernels import encode_mgpu as M
-from test_encode_kernel import (H100, check_key_mean, default_prefill_matches_xla, gpu_encode_matches_xla,
-                                prefill_inputs)
+from test_encode_kernel import H100, default_prefill_matches_xla, gpu_encode_matches_xla, prefill_inputs
 from tqjax import cache as C
 from tqjax import packing
 from tqjax import quantizer as Q
@@ -104,27 +103,6 @@ def test_supported_and_errors():
     M.encode(Q.make_quantizer(128, 3), jnp.zeros((2, 64, 128), jnp.bfloat16), jnp.zeros((64, 128)))
 
 
-@pytest.mark.math
-def test_masked_mean_from_block_sums():
-  """`masked_mean` of block sums = the cache's masked mean, for counts 0, mid-block, on a block edge
-  and T; NaN in tokens past the count (inside the partial block and in whole blocks) never counts."""
-  rng = np.random.default_rng(1)
-  b, kh, t, d = 5, 2, 256, 64
-  x = rng.standard_normal((b, kh, t, d)).astype(np.float32) + 0.5
-  count = np.asarray([0, 100, 64, 256, 1], np.int32)
-  x[1, :, 120] = np.nan  # inside count 100's partial block (64 .. 127)
-  x[1, :, 200] = np.nan  # a whole block past it
-  x[0, 0, 3] = np.inf
-  sums = x.reshape(-1, M.BT, d).astype(np.float64).sum(1).astype(np.float32)  # NaN/Inf blocks too
-  got = M.masked_mean(jnp.asarray(x), jnp.asarray(sums), jnp.asarray(count))
-  want = C._masked_mean(jnp.asarray(x), jnp.asarray(count))
-  assert np.isfinite(np.asarray(want)).all()
-  check_key_mean(got, want, np.where(np.isfinite(x), x, 0), count)
-  np.testing.assert_array_equal(np.asarray(got)[0], 0)
-  with pytest.raises(ValueError, match="block sums"):
-    M.masked_mean(jnp.asarray(x), jnp.asarray(sums[1:]), jnp.asarray(count))
-
-
 LOWERING_CASES = [(d, bits, mean, wgs) for d in M.DIMS for bits in range(1, M.MAX_BITS + 1)
                   for mean, wgs in ((False, 2), (True, 3 if bits == 4 else 2))]
 
@@ -140,33 +118,24 @@ def test_lowers_for_h100(case):
     jax.jit(functools.partial(M.encode, ctas=132, wgs=wgs)).trace(tq, x, mean).lower(lowering_platforms=("cuda",))
 
 
-# The kernel rotates in float16 (Π rounded to 2^-11 relative, x·2^k, centred x too), a tf32-class
-# dot: `_tols("tf32", gpu=True)` lets a code flip within 5e-3/√d of a boundary, ~25x the y rms error.
-PRECISION = "tf32"
-
-@pytest.mark.lowering
-@pytest.mark.parametrize("d,bits", [(64, 3), (128, 4), (128, 1)])
-def test_encode_with_block_sums_lowers_for_h100(d, bits):
-  tq = Q.make_quantizer(d, bits, norm_correction=True, norm_dtype="float16")
-  x = jax.ShapeDtypeStruct((2, 3, 640, d), jnp.bfloat16)
-  with use_abstract_mesh(H100):
-    jax.jit(functools.partial(M.encode_with_block_sums, ctas=132)).trace(tq, x, x).lower(lowering_platforms=("cuda",))
-
-
 @pytest.mark.lowering
 def test_default_prefill_on_hopper_lowers_for_h100(monkeypatch):
-  """The default prefill as a Hopper GPU runs it (values' encode with the key sums, the key mean from
-  them, the keys' encode), traced and lowered for an abstract H100."""
+  """The default prefill as a Hopper GPU runs it (the key mean, the Mosaic encode of keys and values
+  with the default warpgroups and CTAs), traced and lowered for an abstract H100."""
   monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
   monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
   empty = C.init_cache(C.CacheConfig(head_dim=128, k_bits=4, v_bits=3), 2, 4, 1024)
   k = jax.ShapeDtypeStruct((2, 4, 640, 128), jnp.bfloat16)
-  assert dispatch._fused_key_mean(empty, k, k)
+  assert dispatch._mosaic_encode(empty.k.quantizer, k, empty.key_mean)
   lengths = jnp.asarray([640, 100], jnp.int32)
   with use_abstract_mesh(H100):
     jax.jit(lambda c, k, v, n: dispatch.prefill(c, k, v, n)).trace(empty, k, k, lengths).lower(
         lowering_platforms=("cuda",))
 
+
+# The kernel rotates in float16 (Π rounded to 2^-11 relative, x·2^k, centred x too), a tf32-class
+# dot: `_tols("tf32", gpu=True)` lets a code flip within 5e-3/√d of a boundary, ~25x the y rms error.
+PRECISION = "tf32"
 
 GPU_CASES = [  # d, bits, norm correction, norm dtype, lead dims, mean, ctas
     (128, 3, True, "float16", (4, 8, 1024), True, None),
@@ -188,30 +157,11 @@ def test_gpu_compiled_matches_xla_encode(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("d,bits,ctas", [(128, 3, None), (64, 4, 5)])
-def test_gpu_encode_with_block_sums(d, bits, ctas):
-  """The values' code is `encode`'s, bit for bit; the keys' block sums are within γ_64·Σ|x| (and
-  one float32 rounding) of float64 sums."""
-  rng = np.random.default_rng(d + bits)
-  tq = Q.make_quantizer(d, bits, norm_correction=True, norm_dtype="float16")
-  v = jnp.asarray(rng.standard_normal((2, 3, 640, d)), jnp.bfloat16)
-  k = jnp.asarray(rng.standard_normal((2, 3, 640, d)) * 3 + 1, jnp.bfloat16)
-  code, sums = jax.jit(functools.partial(M.encode_with_block_sums, ctas=ctas))(tq, v, k)
-  want = jax.jit(functools.partial(M.encode, ctas=ctas))(tq, v)
-  np.testing.assert_array_equal(np.asarray(code.codes), np.asarray(want.codes))
-  np.testing.assert_array_equal(np.asarray(code.norms), np.asarray(want.norms))
-  kb = np.asarray(k, np.float64).reshape(-1, M.BT, d)
-  assert sums.shape == (kb.shape[0], d) and sums.dtype == jnp.float32
-  tol = (M.BT + 1) * 2.0**-24 * np.abs(kb).sum(1)
-  assert np.all(np.abs(np.asarray(sums, np.float64) - kb.sum(1)) <= tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 def test_gpu_prefill_default_is_the_mosaic_kernel():
   k, v = prefill_inputs(9, 2, 4, 1024)
   k = k.at[1, :, 900].set(jnp.nan)  # past sequence 1's length: never in its mean or its cache
   lengths = jnp.asarray([1024, 777], jnp.int32)
   empty = C.init_cache(C.CacheConfig(head_dim=128, k_bits=4, v_bits=3), 2, 4, 1024 + 64)
-  assert dispatch._fused_key_mean(empty, k, v)  # the Mosaic encode for both, the key mean from its sums
+  mean = jnp.zeros((2, 4, 128), jnp.float32)
+  assert dispatch._mosaic_encode(empty.k.quantizer, k, mean) and dispatch._mosaic_encode(empty.v.quantizer, v, None)
   default_prefill_matches_xla(empty, k, v, lengths, PRECISION)

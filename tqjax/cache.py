@@ -364,22 +364,16 @@ def prefill(
 
 
 def prefill_with_encoder(
-    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens,
-    key_mean: jax.Array | None = None,
+    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens
 ) -> KVCache:
   """`prefill` with `encoder(tq, x, mean)` in place of `encode_tokens` (same contract), which is
-  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`); key_mean [B, K, D] float32:
-  the masked mean of k if a kernel computed it already (caches with center_keys only)."""
+  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`)."""
   _check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
   count = _valid_count(lengths, t, b, "prefill")
   new = cache
-  if key_mean is not None and (cache.key_mean is None or key_mean.shape != cache.key_mean.shape):
-    raise ValueError(f"key_mean {key_mean.shape} given for a cache whose key_mean is "
-                     f"{None if cache.key_mean is None else cache.key_mean.shape}")
   if cache.key_mean is not None:
-    mean = _masked_mean(k.astype(jnp.float32), count) if key_mean is None else key_mean.astype(jnp.float32)
-    new = dataclasses.replace(new, key_mean=mean)
+    new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
   if cache.config.outlier_channels:
     n = cache.config.outlier_channels
     kf = k.astype(jnp.float32)
