@@ -239,6 +239,21 @@ def test_nbytes_equals_accounting_formula(name, d):
   assert C.nbytes(C.init_cache(cfg, 2, 3, 72)) - C.nbytes(cache) == pytest.approx(2 * 3 * 32 * (kb + vb) * d / 8)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_constants_nbytes_shared_by_all_tokens(name):
+  """Quantizer constants (rotations, codebooks, QJL matrices) do not grow with batch or capacity;
+  they are at least the rotations' float32 matrices (Haar) or signs (Hadamard), and S for prod."""
+  cfg = C.CacheConfig(128, **CONFIGS[name])
+  small, big = C.init_cache(cfg, 1, 1, 64), C.init_cache(cfg, 4, 8, 4096)
+  assert C.constants_nbytes(small) == C.constants_nbytes(big)
+  stores = [(small.k.quantizer, small.k.outlier_quantizer), (small.v.quantizer, small.v.outlier_quantizer)]
+  floor = 0
+  for tq in (q for pair in stores for q in pair if q is not None):
+    floor += 4 * (tq.dim**2 if tq.rotation.kind == "haar" else tq.dim)
+    floor += 4 * tq.config.sketch_dim * tq.dim if tq.qjl is not None else 0
+  assert floor <= C.constants_nbytes(small) < floor + 4096  # + codebooks: a few hundred bytes
+
+
 def test_scores_and_key_centring_keep_logits_exact():
   """With centring, logits are q·(k̂_c + μ): the offset restores what the shift removed."""
   b, kh, d = 2, 2, 32
