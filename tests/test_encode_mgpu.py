@@ -1,7 +1,8 @@
 """The Mosaic GPU encode kernel (pallas_kernels/encode_mgpu.py) against the XLA encode.
 
-Tiers: `math` (its quantizer and packing matrices, plain jnp/NumPy on CPU), `lowering` (Mosaic
-GPU lowering for an abstract H100, on CPU), `gpu` (compiled kernel, skipped without a GPU).
+Tiers: `math` (its quantizer, packing matrices and row scales, and a plain jnp/NumPy model of the
+kernel's arithmetic against the XLA encode, on CPU), `lowering` (Mosaic GPU lowering for an
+abstract H100, on CPU), `gpu` (compiled kernel, skipped without a GPU).
 Mosaic GPU has no interpret mode for multi-warpgroup kernels, so the kernel body itself runs only
 in the `gpu` tier; what "the same code" means is `test_encode_kernel._check`.
 """
@@ -19,11 +20,13 @@ from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import dispatch, encode_gpu
 from pallas_kernels import encode_mgpu as M
-from test_encode_kernel import H100, default_prefill_matches_xla, gpu_encode_matches_xla, prefill_inputs
+from test_encode_kernel import (H100, _centred, _check, _inputs, _tols, default_prefill_matches_xla,
+                                gpu_encode_matches_xla, prefill_inputs)
 from tqjax import cache as C
 from tqjax import packing
 from tqjax import quantizer as Q
 from tqjax.codebook import make_codebook, quantize
+from tqjax.rotation import dense_matrix
 
 IS_HOPPER = dispatch._is_hopper()
 
@@ -83,6 +86,46 @@ def test_float16_row_scales():
   xs = x.astype(np.float64) * up[:, None]
   normal = np.abs(xs) >= 2.0**-14
   np.testing.assert_array_equal(xs.astype(np.float16)[normal], xs[normal])
+
+
+def _kernel_model(tq, x, mean):
+  """The kernel's arithmetic in plain jnp/NumPy for x [N, d] bf16 (− mean [N, d] or None): rows × 2^k
+  into float16, Π in float16 with float32 sums, `quantize_fields`, `pack_matrices` → Code."""
+  cfg = tq.config
+  bits, d = cfg.bits, cfg.dim
+  xc = x.astype(jnp.float32) - (0.0 if mean is None else mean)
+  amax = jnp.max(jnp.abs(xc), axis=1)
+  norm2 = jnp.sum(xc * xc, axis=1)
+  finite = (amax < jnp.inf) & (norm2 == norm2)
+  norm = jnp.sqrt(norm2)
+  keep = finite & (norm > 0) if mean is not None else finite
+  up, down = M._float16_row_scales(amax)
+  acc = jnp.dot((xc * up[:, None]).astype(jnp.float16), dense_matrix(tq.rotation).T.astype(jnp.float16),
+                preferred_element_type=jnp.float32)
+  y = acc * jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)[:, None]
+  bounds, _, squares = encode_gpu._tables(bits, d)
+  fields, sq = M.quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]))
+  mats = M.pack_matrices(bits, d)
+  halves = [sum(np.asarray(f, np.float64) @ mats[k, h] for k, f in enumerate(fields)) for h in (0, 1)]
+  words = (halves[0].astype(np.uint64) | (halves[1].astype(np.uint64) << 16)).astype(np.uint32)
+  scale = jnp.where(finite, norm, jnp.nan) / jnp.sqrt(jnp.sum(sq, axis=1))
+  return Q.Code(jnp.asarray(words[:, :packing.packed_words(d, bits)]), scale.astype(cfg.norm_dtype))
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("d,bits,with_mean", [(128, 3, True), (128, 4, False), (64, 2, True)])
+def test_kernel_model_matches_xla_encode(d, bits, with_mean):
+  """The float16 rotation's precision argument (module docstring), on CPU: a plain model of the
+  kernel's arithmetic passes the GPU tests' check (`PRECISION`) against the XLA encode, special
+  rows (NaN, ±Inf, zero, ‖x‖² under/overflowing) bit-exact."""
+  rng = np.random.default_rng(d + bits)
+  tq = Q.make_quantizer(d, bits, norm_correction=True, norm_dtype="float16")
+  x, mean = _inputs(rng, (4, 512), d, jnp.bfloat16, with_mean)
+  xc = _centred(x, mean)
+  rows = lambda a: None if a is None else jnp.repeat(a, 512, axis=0)
+  got = _kernel_model(tq, x.reshape(-1, d), rows(mean))
+  want = Q.encode(tq, xc.reshape(-1, d))
+  _check(tq, xc, got, want, **_tols(PRECISION, d, gpu=True), max_frac=1e-2, x=None if mean is None else x)
 
 
 @pytest.mark.math
