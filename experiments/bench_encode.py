@@ -24,7 +24,6 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import bench_decode  # noqa: E402
-from experiments.bench_decode import bench  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 from tqjax import codebook, packing, quantizer, rotation  # noqa: E402
 from pallas_kernels import dispatch, encode_gpu, encode_mgpu  # noqa: E402
@@ -51,7 +50,7 @@ def main(argv=None) -> None:
   rows = []
 
   def row(name, fn, sets):
-    us = bench(fn, sets, reps=args.reps)
+    us = bench_decode.bench(fn, sets, reps=args.reps)
     rows.append((name, us))
     print(f"{name:55s} {us:10.1f} µs", flush=True)
 

@@ -34,11 +34,10 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
 * Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
 
 Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
-20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 185 µs, K4/V4
-213 µs per call against cuDNN bf16's 259 µs (1.40×, 1.21×); K3 prod/V3 234 µs against 274 µs
-(1.17×, another run). Nsight Compute puts one K3/V3 launch at 154 µs (4 CTAs per SM, 109
-registers). Still bound by issue and latency, each
-warpgroup running its stages in sequence (kernel_notes.md, sessions 4-5).
+20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 181 µs, K4/V4
+213 µs, K3 prod/V3 231 µs per call against cuDNN bf16's 265 µs (1.46×, 1.24×, 1.15×). Nsight
+Compute puts one K3/V3 launch at 154 µs (4 CTAs per SM, 109 registers). Still bound by issue
+and latency, each warpgroup running its stages in sequence (kernel_notes.md, sessions 4-6).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.

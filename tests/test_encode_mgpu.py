@@ -31,6 +31,14 @@ from tqjax.rotation import dense_matrix
 IS_HOPPER = dispatch._is_hopper()
 
 
+def _pack_on_matrices(fields, bits, d):
+  """The kernel's packing in float64: fields [parts] of [N, d] → (the low and high 16-bit halves
+  [N, n_out] as floats, the words [N, n_out] uint64)."""
+  mats = M.pack_matrices(bits, d)
+  halves = [sum(np.asarray(f, np.float64) @ mats[k, h] for k, f in enumerate(fields)) for h in (0, 1)]
+  return halves, halves[0].astype(np.uint64) | (halves[1].astype(np.uint64) << 16)
+
+
 @pytest.mark.math
 @pytest.mark.parametrize("d", M.DIMS)
 @pytest.mark.parametrize("bits", range(1, M.MAX_BITS + 1))
@@ -60,9 +68,8 @@ def test_quantize_fields_and_pack_matrices_exact(d, bits):
   np.testing.assert_allclose(np.asarray(sq, np.float64).sum(1), (c[want] ** 2 - squares[0]).sum(1), rtol=1e-6, atol=1e-6)
   mats = M.pack_matrices(bits, d)
   assert np.array_equal(np.asarray(jnp.asarray(mats, jnp.bfloat16), np.float32), mats)  # powers of two
-  halves = [sum(np.asarray(f, np.float64) @ mats[k, h] for k, f in enumerate(fields)) for h in (0, 1)]
+  halves, words = _pack_on_matrices(fields, bits, d)
   assert all(np.all(hv < 2**16) for hv in halves)
-  words = halves[0].astype(np.uint64) | (halves[1].astype(np.uint64) << 16)
   nw = packing.packed_words(d, bits)
   np.testing.assert_array_equal(words[:, :nw].astype(np.uint32), np.asarray(packing.pack(jnp.asarray(want), bits)))
   assert not words[:, nw:].any()
@@ -105,9 +112,7 @@ def _kernel_model(tq, x, mean):
   y = acc * jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)[:, None]
   bounds, _, squares = encode_gpu._tables(bits, d)
   fields, sq = M.quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]))
-  mats = M.pack_matrices(bits, d)
-  halves = [sum(np.asarray(f, np.float64) @ mats[k, h] for k, f in enumerate(fields)) for h in (0, 1)]
-  words = (halves[0].astype(np.uint64) | (halves[1].astype(np.uint64) << 16)).astype(np.uint32)
+  words = _pack_on_matrices(fields, bits, d)[1].astype(np.uint32)
   scale = jnp.where(finite, norm, jnp.nan) / jnp.sqrt(jnp.sum(sq, axis=1))
   return Q.Code(jnp.asarray(words[:, :packing.packed_words(d, bits)]), scale.astype(cfg.norm_dtype))
 
