@@ -6,7 +6,8 @@ values of 1-4 codebook bits (prod: a QJL sketch of 128 rows), head_dim 128, no o
 at most 8 query rows (G·T) per kv head.
 
 Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 64-token blocks of
-packed key/value codes and norms through a TMA pipeline and keeps an online softmax:
+packed key/value codes and norms through a TMA pipeline (all of a block's copies on one
+barrier) and keeps an online softmax:
 
 * Dequantization by byte permutes, in registers, straight into the wgmma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
@@ -30,14 +31,18 @@ packed key/value codes and norms through a TMA pipeline and keeps an online soft
   once at the end. Without a soft cap exp is approximate (ex2.approx).
 * Values: V̂ [64, 128] is dequantized the same way (bfloat16) and stored to shared memory; p·‖v‖
   (bfloat16) is stored transposed, pᵀ [8, 64], by hand into its 128-byte-swizzled tile
-  (`_store_transposed`); accᵀ [128, 8] += V̂ᵀ · p·‖v‖.
+  (`_store_transposed`); accᵀ [128, 8] += V̂ᵀ · p·‖v‖. That wgmma is left in flight: it runs
+  while the next block's keys are dequantized, and the key dot's wait retires it.
+* Three warpgroup barriers per block: two in the cross-warp max and `commit_smem`'s (which also
+  frees the stage slot for its refill). Pallas' automatic barriers around shared-memory stores
+  and TMA issues are off (`unsafe_no_auto_barriers`; 9 barriers per block with them).
 * Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
 
 Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
-20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 181 µs, K4/V4
-213 µs, K3 prod/V3 231 µs per call against cuDNN bf16's 265 µs (1.46×, 1.24×, 1.15×). Nsight
-Compute puts one K3/V3 launch at 154 µs (4 CTAs per SM, 109 registers). Still bound by issue
-and latency, each warpgroup running its stages in sequence (kernel_notes.md, sessions 4-6).
+20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 165 µs, K4/V4
+190 µs, K3 prod/V3 218 µs per call against cuDNN bf16's 268 µs (1.62×, 1.42×, 1.23×). Nsight
+Compute puts one K3/V3 launch at 138 µs (96 registers); the rest is XLA glue. Still bound by
+issue and latency, each warpgroup running its stages in sequence (kernel_notes.md, sessions 4-7).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
@@ -346,7 +351,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   deq_k = _dequantizer(k_bits, jnp.float16, byte_tables(k_bits, np.float16))
   deq_v = _dequantizer(v_bits, jnp.bfloat16, byte_tables(v_bits, ml_dtypes.bfloat16))
   deq_s = _dequantizer(1, jnp.float16, SIGN_TABLE)
-  streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), one barrier each
+  streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   L = plgpu.Layout
   R = MAX_ROWS
 
@@ -354,7 +359,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
     n_in = streams + 2
     q_gmem, par_gmem, *stage_gmem = refs[:n_in]
     acc_gmem, ml_gmem = refs[n_in:n_in + 2]
-    q_smem, par_smem, const_bar, *stage_smem, bars, vd_smem, pt_smem, out_smem, ml_smem = refs[n_in + 2:]
+    q_smem, par_smem, const_bar, *stage_smem, bars = refs[n_in + 2:]
     kc_smem, kn_smem, vc_smem, vn_smem = stage_smem[:4]
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
@@ -365,8 +370,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
 
     def fetch(i, slot):
       rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
-      for t, (src, dst) in enumerate(zip(stage_gmem, stage_smem)):
-        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[streams * slot + t])
+      for src, dst in zip(stage_gmem, stage_smem):
+        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[slot])
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
@@ -380,69 +385,74 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
     iota = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=L.WGMMA)
     norm = lambda ref, slot: plgpu.load(ref.at[slot], layout=L.WGMMA.reduce(1)).astype(jnp.float32)
-    wait = lambda slot, t: plgpu.barrier_wait(bars.at[streams * slot + t])
 
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
-      wait(slot, 0)
       operands = [deq_k(kc_smem.at[slot])]  # A operands against rows 0-7 (q) and 8-15 (S·q) of q_smem
       if prod:
-        wait(slot, 4)
         operands.append(deq_s(stage_smem[4].at[slot]))
 
       def dots(*acc_refs):
         for i, (acc_ref, a) in enumerate(zip(acc_refs, operands)):
           plgpu.wgmma(acc_ref, a, q_smem.at[pl.ds(i * R, R)].T)
-        return [acc_ref[...] for acc_ref in acc_refs]
+        return [acc_ref[...] for acc_ref in acc_refs]  # waits for these and the previous value dot
 
       s, *qjl = pl.run_scoped(dots, *[plgpu.ACC(shape, jnp.float32)] * len(operands))
       if not prod:
         return s * col(qscale)
-      wait(slot, 5)
       return s * col(qscale) + qjl[0] * col(sqscale) * row(norm(stage_smem[5], slot))
 
-    def step(i, carry):
-      acc, m, lpart = carry
-      slot = lax.rem(i, stages)
-      start = (first + i) * BK
-      s = logits(slot)
-      wait(slot, 1)
-      s = s * row(norm(kn_smem, slot)) + col(offset)
-      if soft_cap is not None:
-        s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
-      slots = iota + start
-      ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
-      s = jnp.where(ok, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=0))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p = jnp.exp(s - col(m_safe))
-      corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
-      lpart = lpart * col(corr) + p
-      wait(slot, 2)
-      wait(slot, 3)
-      pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
-      vd_smem[...] = deq_v(vc_smem.at[slot])
-      _store_transposed(pv.astype(jnp.bfloat16), pt_smem)
-      plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
-      pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
+    def blocks(acc_ref, vd_smem, pt_smem):
+      """The online softmax over this split's blocks; returns m, lpart (acc_ref holds acc)."""
 
-      def pv_dot(acc_ref):
-        plgpu.wgmma(acc_ref, vd_smem.T, pt_smem.T)
+      def step(i, carry):
+        m, lpart = carry
+        slot = lax.rem(i, stages)
+        start = (first + i) * BK
+        plgpu.barrier_wait(bars.at[slot])
+        s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
+        if soft_cap is not None:
+          s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
+        slots = iota + start
+        ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=0))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - col(m_safe))
+        corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
+        lpart = lpart * col(corr) + p
+        pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
+        vd_smem[...] = deq_v(vc_smem.at[slot])  # the previous value dot is done: the key dot waited
+        _store_transposed(pv.astype(jnp.bfloat16), pt_smem)
+        plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
+        pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
+        acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(corr, (HEAD_DIM, R), [1])
+        plgpu.wgmma(acc_ref, vd_smem.T, pt_smem.T)  # left in flight: overlaps the next key dequantization
+        return m_new, lpart
 
-      acc = pl.run_state(pv_dot)(plgpu.ACC.init(acc * lax.broadcast_in_dim(corr, acc.shape, [1])))
-      return acc, m_new, lpart
+      acc_ref[...] = plgpu.layout_cast(jnp.zeros((HEAD_DIM, R), jnp.float32), L.WGMMA)
+      m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
+      l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
+      return lax.fori_loop(0, steps, step, (m0, l0))
 
-    acc0 = plgpu.layout_cast(jnp.zeros((HEAD_DIM, R), jnp.float32), L.WGMMA)
-    m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
-    l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
-    acc, m, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
-    out_smem[...] = acc
-    ml_smem[0] = m
-    ml_smem[1] = jnp.sum(lpart, axis=0)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[bh, split])
-    plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh, split])
-    plgpu.wait_smem_to_gmem(0)
+    def loop(acc_ref):
+      m, lpart = pl.run_scoped(functools.partial(blocks, acc_ref),
+                               plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
+                               plgpu.SMEM((R, BK), jnp.bfloat16, transforms=_PT_TRANSFORMS))
+      return acc_ref[...], m, lpart
+
+    acc, m, lpart = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, R), jnp.float32))
+
+    def store(out_smem, ml_smem):  # in the shared memory the value tiles used
+      out_smem[...] = acc
+      ml_smem[0] = m
+      ml_smem[1] = jnp.sum(lpart, axis=0)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[bh, split])
+      plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh, split])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((HEAD_DIM, R), jnp.float32), plgpu.SMEM((4, R), jnp.float32))
 
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr) if prod else ())
   stage_types = [plgpu.SMEM((stages, BK, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, BK), x.dtype)
@@ -455,18 +465,17 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       grid_names=("bh", "split"),
       # Approximate math (ex2.approx, ~2^-22 relative) only without a soft cap: it would also
       # approximate tanh (~2^-11 absolute, × the cap on a logit). 2-5 % faster at S = 32k.
+      # No automatic barriers around shared-memory stores and TMA issues (6 of the 9 warpgroup
+      # barriers per block): the stage slots are refilled after `commit_smem`'s barrier, and the
+      # value tiles are rewritten only after the key dot's wait has retired the value dot.
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
-                                           approx_math=soft_cap is None),
+                                           approx_math=soft_cap is None, unsafe_no_auto_barriers=True),
       scratch_types=[
           plgpu.SMEM(q.shape[1:], jnp.float16, transforms=_swizzled(HEAD_DIM)),
           plgpu.SMEM(par.shape[1:], jnp.int32),
           plgpu.Barrier(num_barriers=2),
           *stage_types,
-          plgpu.Barrier(num_barriers=streams * stages),
-          plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
-          plgpu.SMEM((R, BK), jnp.bfloat16, transforms=_PT_TRANSFORMS),
-          plgpu.SMEM((HEAD_DIM, R), jnp.float32),
-          plgpu.SMEM((4, R), jnp.float32),
+          plgpu.Barrier(num_barriers=stages, num_arrivals=streams),
       ],
   )
   return run(*inputs)
@@ -508,7 +517,7 @@ def decode_partial(
     soft_cap: float | None = None,
     *,
     num_splits: int | None = None,
-    stages: int = 4,
+    stages: int = 3,
 ):
   """The kernel under the contract of `tqjax.cache.compressed_partial_reference`.
 

@@ -161,8 +161,9 @@ def test_lowers_for_h100(case):
   pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, 128), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
-    jax.jit(functools.partial(M.decode_partial, soft_cap=cap)).trace(cache, pq, ranges, ranges).lower(
-        lowering_platforms=("cuda",))
+    for stages in (1, 3):
+      jax.jit(functools.partial(M.decode_partial, soft_cap=cap, stages=stages)).trace(cache, pq, ranges, ranges).lower(
+          lowering_platforms=("cuda",))
 
 
 # The key dot runs in float16: centroids and q (at a power-of-two scale per row) rounded to 2^-11
@@ -260,6 +261,16 @@ def test_wrapper_with_kernel_model_matches_reference(case, monkeypatch):
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_compiled_matches_reference(case):
   _check_case(case, M.decode_partial)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("stages", [1, 2, 6])
+def test_gpu_pipeline_depths(stages):
+  """One stage (each slot refilled right after its block) and more stages than a split has
+  blocks: the same results (a prod and an mse case)."""
+  for case in (GPU_CASES[0], GPU_CASES[6]):
+    _check_case(case, functools.partial(M.decode_partial, stages=stages))
 
 
 @pytest.mark.gpu
