@@ -388,19 +388,18 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
 
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
-      operands = [deq_k(kc_smem.at[slot])]  # A operands against rows 0-7 (q) and 8-15 (S·q) of q_smem
-      if prod:
-        operands.append(deq_s(stage_smem[4].at[slot]))
 
-      def dots(*acc_refs):
-        for i, (acc_ref, a) in enumerate(zip(acc_refs, operands)):
-          plgpu.wgmma(acc_ref, a, q_smem.at[pl.ds(i * R, R)].T)
-        return [acc_ref[...] for acc_ref in acc_refs]  # waits for these and the previous value dot
+      def dot(operand, rows):  # against rows 0-7 (q) or 8-15 (S·q) of q_smem; waits for every wgmma
+        def run(acc_ref):
+          plgpu.wgmma(acc_ref, operand, q_smem.at[pl.ds(rows * R, R)].T)
+          return acc_ref[...]
+        return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
-      s, *qjl = pl.run_scoped(dots, *[plgpu.ACC(shape, jnp.float32)] * len(operands))
+      s = dot(deq_k(kc_smem.at[slot]), 0) * col(qscale)  # also retires the previous value dot
       if not prod:
-        return s * col(qscale)
-      return s * col(qscale) + qjl[0] * col(sqscale) * row(norm(stage_smem[5], slot))
+        return s
+      # The signs are expanded after the key dot's wait, so K̂'s registers are free by then.
+      return s + dot(deq_s(stage_smem[4].at[slot]), 1) * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def blocks(acc_ref, vd_smem, pt_smem):
       """The online softmax over this split's blocks; returns m, lpart (acc_ref holds acc)."""
