@@ -126,10 +126,10 @@ def _float16_row_scales(amax):
   return up, lax.bitcast_convert_type(e - jnp.uint32(8 << 23), jnp.float32)
 
 
-def _swizzled(minor_elems: int, itemsize_bits: int = 16, swizzle: int | None = None):
-  """SMEM transforms for a wgmma operand: the widest swizzle its rows allow, or `swizzle`."""
-  swizzle = swizzle or plgpu.find_swizzle(minor_elems * itemsize_bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle))
+def _swizzled(minor_elems: int):
+  """SMEM transforms for a 16-bit wgmma operand: the widest swizzle its rows allow."""
+  swizzle = plgpu.find_swizzle(minor_elems * 16)
+  return (plgpu.TilingTransform((8, swizzle * 8 // 16)), plgpu.SwizzleTransform(swizzle))
 
 
 @functools.partial(jax.jit, static_argnames=("ctas", "wgs", "stages"))
