@@ -36,7 +36,10 @@ barrier) and keeps an online softmax:
 * Three warpgroup barriers per block: two in the cross-warp max and `commit_smem`'s (which also
   frees the stage slot for its refill). Pallas' automatic barriers around shared-memory stores
   and TMA issues are off (`unsafe_no_auto_barriers`; 9 barriers per block with them).
-* Splits are merged in XLA (flash-decoding) and the kernel coordinate order is undone there.
+* Splits are merged in the kernel (flash-decoding): every split but the last stores its
+  partial (acc, m, l) to global memory and signals a semaphore of its (batch, kv head); the last
+  split waits for the others and merges them, four partials per memory round trip. The kernel
+  coordinate order is undone in XLA.
 
 Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
 20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 165 µs, K4/V4
@@ -60,7 +63,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.decode_attention_gpu import merge_splits
 from pallas_kernels.encode_mgpu import _swizzled
 from tqjax import packing
 from tqjax.codebook import lloyd_max
@@ -68,6 +70,7 @@ from tqjax.codebook import lloyd_max
 BK = 64  # tokens per block (the wgmma M of one warpgroup)
 HEAD_DIM = 128  # W = 4 packed columns: one per lane of a wgmma fragment's column quad
 MAX_ROWS = 8  # G·T query rows per kv head: the wgmma N of both dots
+MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 BITS = (1, 2, 3, 4)
 _W = HEAD_DIM // packing.WORD_BITS
 
@@ -333,6 +336,16 @@ def _store_transposed(ctx, p, pt_ref):
       memref.store(val, pt_ref, [zero, zero, arith.index_cast(index, r), arith.index_cast(index, tcol)])
 
 
+@plgpu.inline_mgpu()
+def _fence_gpu(ctx):
+  """`fence.acq_rel.gpu` in every thread: its earlier global stores are ordered before its later
+  ones GPU-wide (here: before a semaphore signal another CTA acquires)."""
+  del ctx
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+
+  mgpu_utils.inline_ptx("fence.acq_rel.gpu;", has_side_effects=True)
+
+
 # ----------------------------------------------------------------------------- the kernel
 
 
@@ -341,8 +354,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   projections S·q of prod keys), par [N, 8, 8] int32 per row: offset, q scale (float32 bits),
   lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32,
   vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32 and residual norms kr [N, S']
-  (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, splits, D, 8] f32 (value kernel order),
-  ml [N, splits, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple of 128 bytes)."""
+  (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32 (value kernel order), ml [N, 4, 8]
+  f32 (m, l, and two unused rows: a TMA copy moves a multiple of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
   nblocks = pl.cdiv(seq, BK)
   per_split = pl.cdiv(nblocks, num_splits)
@@ -359,7 +372,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
     n_in = streams + 2
     q_gmem, par_gmem, *stage_gmem = refs[:n_in]
     acc_gmem, ml_gmem = refs[n_in:n_in + 2]
-    q_smem, par_smem, const_bar, *stage_smem, bars = refs[n_in + 2:]
+    q_smem, par_smem, const_bar, *stage_smem, bars = refs[n_in + (2 if splits == 1 else 4):]
     kc_smem, kn_smem, vc_smem, vn_smem = stage_smem[:4]
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
@@ -441,25 +454,77 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       return acc_ref[...], m, lpart
 
     acc, m, lpart = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, R), jnp.float32))
+    l = jnp.sum(lpart, axis=0)
 
-    def store(out_smem, ml_smem):  # in the shared memory the value tiles used
-      out_smem[...] = acc
-      ml_smem[0] = m
-      ml_smem[1] = jnp.sum(lpart, axis=0)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[bh, split])
-      plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh, split])
-      plgpu.wait_smem_to_gmem(0)
+    def store(acc, m, l):  # in the shared memory the value tiles used
+      def run(out_smem, ml_smem):
+        out_smem[...] = acc
+        ml_smem[0] = m
+        ml_smem[1] = l
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[bh])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh])
+        plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(store, plgpu.SMEM((HEAD_DIM, R), jnp.float32), plgpu.SMEM((4, R), jnp.float32))
+      pl.run_scoped(run, plgpu.SMEM((HEAD_DIM, R), jnp.float32), plgpu.SMEM((4, R), jnp.float32))
+
+    if splits == 1:
+      store(acc, m, l)
+      return
+    # Flash-decoding merge in the kernel: splits 0 .. last − 1 publish their partials to global
+    # memory and signal a semaphore of their (batch, kv head); the last split waits for all of
+    # them and merges. CTAs start in grid order, split after split, so every CTA the last split
+    # waits for was started before it and never waits itself: no deadlock.
+    part_acc, part_ml = refs[n_in + 2:n_in + 4]
+    sem = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))  # zeroed by every call
+    last = splits - 1
+
+    @pl.when(split < last)
+    def _publish():
+      part_acc.at[bh, split][...] = acc
+      part_ml.at[bh, split, 0][...] = m
+      part_ml.at[bh, split, 1][...] = l
+      _fence_gpu()  # this thread's stores are visible GPU-wide before ...
+      plgpu.commit_smem()  # ... every thread has reached this barrier, then one thread signals
+      plgpu.semaphore_signal(sem.at[bh], memory_scope="gpu")
+
+    @pl.when(split == last)
+    def _merge():
+      plgpu.semaphore_wait(sem.at[bh], last, memory_scope="gpu")  # acquire; zero again after
+      cols = lambda x: lax.broadcast_in_dim(x, (HEAD_DIM, R), [1])
+
+      def add(carry, first_split, count):
+        """Merges partials first_split .. + count − 1 into carry, all loads issued first."""
+        acc, m, l = carry
+        parts = []
+        for j in range(count):
+          ml_s = part_ml.at[bh, first_split + j]
+          parts.append((plgpu.load(part_acc.at[bh, first_split + j], layout=L.WGMMA, optimized=False),
+                        plgpu.load(ml_s.at[0], layout=L.WGMMA.reduce(0), optimized=False),
+                        plgpu.load(ml_s.at[1], layout=L.WGMMA.reduce(0), optimized=False)))
+        m_new = functools.reduce(jnp.maximum, [m_s for _, m_s, _ in parts], m)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all −inf: every weight exp(−inf) = 0
+        w = jnp.exp(m - m_safe)
+        acc, l = acc * cols(w), l * w
+        for acc_s, m_s, l_s in parts:
+          w_s = jnp.exp(m_s - m_safe)
+          acc, l = acc + acc_s * cols(w_s), l + l_s * w_s
+        return acc, m_new, l
+
+      # MERGE_UNROLL partials per step: one memory latency per step, not per partial.
+      carry = lax.fori_loop(0, last // MERGE_UNROLL, lambda c, x: add(x, c * MERGE_UNROLL, MERGE_UNROLL), (acc, m, l))
+      if last % MERGE_UNROLL:
+        carry = add(carry, last - last % MERGE_UNROLL, last % MERGE_UNROLL)
+      store(*carry)
 
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr) if prod else ())
   stage_types = [plgpu.SMEM((stages, BK, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, BK), x.dtype)
                  for x in inputs[2:]]
   run = plgpu.kernel(
       tq_decode_mgpu,
-      out_type=(jax.ShapeDtypeStruct((n, splits, HEAD_DIM, R), jnp.float32),
-                jax.ShapeDtypeStruct((n, splits, 4, R), jnp.float32)),
+      out_type=(jax.ShapeDtypeStruct((n, HEAD_DIM, R), jnp.float32), jax.ShapeDtypeStruct((n, 4, R), jnp.float32))
+      + ((jax.ShapeDtypeStruct((n, splits - 1, HEAD_DIM, R), jnp.float32),  # partials of the splits
+          jax.ShapeDtypeStruct((n, splits - 1, 2, R), jnp.float32)) if splits > 1 else ()),  # before the last
       grid=(n, splits),
       grid_names=("bh", "split"),
       # Approximate math (ex2.approx, ~2^-22 relative) only without a soft cap: it would also
@@ -477,7 +542,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
           plgpu.Barrier(num_barriers=stages, num_arrivals=streams),
       ],
   )
-  return run(*inputs)
+  return run(*inputs)[:2]
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -569,11 +634,9 @@ def decode_partial(
   acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), *qjl, k_bits=k_bits, v_bits=v_bits,
                          soft_cap=None if soft_cap is None else float(soft_cap), num_splits=num_splits,
                          stages=stages)
-  m, l = ml[:, :, 0, :rows], ml[:, :, 1, :rows]  # [N, splits, R]
-  acc = jnp.swapaxes(acc[..., :rows], -1, -2)  # [N, splits, R, D]
-  acc, m_all, l_all = merge_splits(acc, m, l)
-  acc = acc[..., np.argsort(kernel_perm(v_bits))]  # back to the natural order
-  return (acc.reshape(b, kh, g, t, d),), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
+  m, l = ml[:, 0, :rows], ml[:, 1, :rows]  # [N, R]
+  acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits))]  # [N, R, D] natural order
+  return (acc.reshape(b, kh, g, t, d),), m.reshape(b, kh, g, t), l.reshape(b, kh, g, t)
 
 
 def _float16_rows(q):

@@ -214,7 +214,7 @@ def _check_case(case, decode_partial):
 
 
 def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
-  """`M._decode_call` in plain jnp, one split: the same inputs (layouts, kernel coordinate
+  """`M._decode_call` in plain jnp (no splits to merge): the same inputs (layouts, kernel coordinate
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
   seq = kc.shape[1]
@@ -243,7 +243,7 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, s
   acc = jnp.einsum("nsd,nsr->ndr", deq(vc, v_bits, ml_dtypes.bfloat16, cb(v_bits)), pv,
                    precision=lax.Precision.HIGHEST)
   l = jnp.sum(p, axis=1)
-  return acc[:, None], jnp.stack([m, l, jnp.zeros_like(m), jnp.zeros_like(m)], axis=1)[:, None]
+  return acc, jnp.stack([m, l, jnp.zeros_like(m), jnp.zeros_like(m)], axis=1)
 
 
 @pytest.mark.math
