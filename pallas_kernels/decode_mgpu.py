@@ -7,12 +7,14 @@ at most 8 query rows (G·T) per kv head.
 
 Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 64-token blocks of
 packed key/value codes and norms through a TMA pipeline (all of a block's copies on one
-barrier) and keeps an online softmax:
+barrier). Each of its four warps owns 16 tokens of every block and runs its own online softmax
+with warp-level `mma.sync` m16n8k16 (inline PTX): no shared-memory staging and no cross-warp
+barrier inside a block but the one that frees the stage slot for its refill.
 
-* Dequantization by byte permutes, in registers, straight into the wgmma operand layout. After
+* Dequantization by byte permutes, in registers, straight into the mma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
-  in which a thread's 32 coordinates of a token (the columns 8k + 2c + e it holds of a wgmma A
-  operand, c = lane % 4) are exactly packed column w = c (`tqjax.packing`): the thread reads
+  in which a thread's 32 coordinates of a token (the columns 8k + 2c + e it holds of an A
+  fragment, c = lane % 4) are exactly packed column w = c (`tqjax.packing`): the thread reads
   its b words of the token and no data moves between threads. From them it builds selector
   words holding four codes as nibbles (for 3 bits: the 2-bit fields at nibble positions come
   from one shift and mask; the 1-bit row is spread to even bits once per token), and each PTX
@@ -21,31 +23,28 @@ barrier) and keeps an online softmax:
   interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the
   codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
   `prmt` + XOR.
-* Keys: logitsᵀ [64 tokens, 8] = K̂ [64, 128] (A from registers) · qᵀ in float16, the ≤ 8 query
-  rows padded to 8 (the wgmma N) and scaled per row by a power of two (`_float16_rows`); × q
-  scale × key norms, + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching
-  past S gets zeros from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign
-  words are a 1-bit row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second
-  float16 wgmma against S·q/(κ·m), × the residual norms.
-* Online softmax over the tokens (a cross-warp max per block); l is kept per thread and reduced
-  once at the end. Without a soft cap exp is approximate (ex2.approx).
-* Values: V̂ [64, 128] is dequantized the same way (bfloat16) and stored to shared memory; p·‖v‖
-  (bfloat16) is stored transposed, pᵀ [8, 64], by hand into its 128-byte-swizzled tile
-  (`_store_transposed`); accᵀ [128, 8] += V̂ᵀ · p·‖v‖. That wgmma is left in flight: it runs
-  while the next block's keys are dequantized, and the key dot's wait retires it.
-* Three warpgroup barriers per block: two in the cross-warp max and `commit_smem`'s (which also
-  frees the stage slot for its refill). Pallas' automatic barriers around shared-memory stores
-  and TMA issues are off (`unsafe_no_auto_barriers`; 9 barriers per block with them).
+* Keys (`_key_dot`): per warp logitsᵀ [16 tokens, 8] = K̂ [16, 128] · qᵀ in float16, 8 mma
+  k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two
+  (`_float16_rows`), q's B fragments prepared in XLA (`q_fragments`); × q scale × key norms,
+  + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching past S gets zeros
+  from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
+  row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
+  S·q/(κ·m), × the residual norms.
+* Online softmax per warp: the max over its 16 tokens by three shuffles (`_warp_max`); l is
+  kept per thread. Without a soft cap exp is approximate (ex2.approx).
+* Values (`_value_dot`): V̂ [16, 128] is dequantized the same way (bfloat16) and each 8×8 tile
+  transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
+  into the B fragment; accᵀ [128, 8] += V̂ᵀ · p·‖v‖ by 8 mma (one per 16 columns), each warp
+  into its own accumulator, rescaled only when the warp's max moved.
+* At the end the four warps' (acc, m, l) are merged through shared memory (`_warp_sum`).
 * Splits are merged in the kernel (flash-decoding): every split but the last stores its
   partial (acc, m, l) to global memory and signals a semaphore of its (batch, kv head); the last
   split waits for the others and merges them, four partials per memory round trip. The kernel
   coordinate order is undone in XLA.
+* Pallas' automatic barriers around shared-memory stores and TMA issues are off
+  (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Status (H200, 2026-11-28, experiments/results/bench_decode_NVIDIA_H200_2026-11-28_pipelined20.md,
-20 calls dispatched back to back): at S = 32k, B = 8, Hq = 32, Hkv = 8: K3/V3 165 µs, K4/V4
-190 µs, K3 prod/V3 218 µs per call against cuDNN bf16's 268 µs (1.62×, 1.42×, 1.23×). Nsight
-Compute puts one K3/V3 launch at 138 µs (96 registers); the rest is XLA glue. Still bound by
-issue and latency, each warpgroup running its stages in sequence (kernel_notes.md, sessions 4-7).
+Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (session 8).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
@@ -63,14 +62,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.encode_mgpu import _swizzled
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
-BK = 64  # tokens per block (the wgmma M of one warpgroup)
-HEAD_DIM = 128  # W = 4 packed columns: one per lane of a wgmma fragment's column quad
-MAX_ROWS = 8  # G·T query rows per kv head: the wgmma N of both dots
+BK = 64  # tokens per block: 16 per warp (the mma M of the key dot, its K of the value dot)
+HEAD_DIM = 128  # W = 4 packed columns: one per lane of an mma fragment's column quad
+MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
+KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
 BITS = (1, 2, 3, 4)
 _W = HEAD_DIM // packing.WORD_BITS
 
@@ -167,7 +166,7 @@ def _lookup(sel, tables, ops):
 
 def expand(words, bits: int, tables, ops):
   """A token's packed column (b words) → 16 bf16 pairs (uint32, low half first): the thread's
-  32 wgmma-operand columns 8k + 2c + e in order k = 0..15 (`kernel_slots` gives the slots)."""
+  32 mma-operand columns 8k + 2c + e in order k = 0..15 (`kernel_slots` gives the slots)."""
   pairs = []
   for sel, _ in _selectors(words, bits, ops):
     shift = (lambda s: (ops.shr(s[0], 16), ops.shr(s[1], 16))) if isinstance(sel, tuple) else (lambda s: ops.shr(s, 16))
@@ -261,41 +260,212 @@ class _MlirOps:
     return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
 
 
-def _dequantizer(bits: int, dtype, tables):
-  """inline_mgpu function: words ref [BK, b·W] uint32 (SMEM) → [BK, D] `dtype` (bfloat16 or
-  float16) in the WGMMA layout, columns in kernel order (`kernel_perm`), values from `tables`."""
+def _ptx():
+  """(ir, arith, memref, vector, mgpu utils, fragmented_array) for the inline_mgpu bodies."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+
+  return ir, arith, memref, vector, mgpu_utils, fa
+
+
+def _token_pairs(words_ref, bits: int, tables, ops):
+  """The thread's two tokens of a block (rows 16·warp + lane / 4 + 8h, h = 0, 1) expanded:
+  pairs[h][k] (i32: two 16-bit values, low first) of kernel columns 8k + 2c + e."""
+  ir, arith, memref, *_ = _ptx()
+  index = ir.IndexType.get()
+  col, row0 = _thread_coords(ops)
+  out = []
+  for h in range(2):
+    row = arith.index_cast(index, arith.addi(row0, ops.const(8 * h)))
+    words = [memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * _W)))])
+             for r in range(bits)]
+    out.append(expand(words, bits, tables, ops))
+  return out
+
+
+def _mma(kind: str, a, b, c):
+  """One warp's `mma.sync` m16n8k16 (row.col, float32 accumulator) on `kind` (f16 or bf16)
+  operands: a 4 and b 2 i32 registers, c 4 float32 → d 4 float32 (fragments: PTX ISA,
+  "Matrix Fragments for mma.m16n8k16")."""
+  ir, *_, mgpu_utils, _ = _ptx()
+  f32 = ir.F32Type.get()
+  return mgpu_utils.inline_ptx(
+      f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+      "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};",
+      *a, *b, *c, result_types=[f32] * 4, convergent=True)
+
+
+def _transpose8(x):
+  """movmatrix: the warp's 8×8 16-bit matrix (thread t: row t / 4, columns 2(t % 4) + 0, 1 as
+  one i32) → its transpose in the same form."""
+  ir, *_, mgpu_utils, _ = _ptx()
+  return mgpu_utils.inline_ptx("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", x,
+                               result_types=ir.IntegerType.get_signless(32), convergent=True)
+
+
+def _fragment(regs_of, shape):
+  """A float32 WGMMA-layout array of `shape` whose register [t, h] is regs_of(t, h) (two f32)."""
+  ir, _, _, vector, _, fa = _ptx()
+  f32 = ir.F32Type.get()
+  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
+  for t in range(regs.shape[0]):
+    for h in range(2):
+      regs[t, 0, 0, 0, h, 0, 0, 0, 0] = vector.from_elements(ir.VectorType.get((2,), f32), list(regs_of(t, h)))
+  return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _elems(x, t, h):
+  """The two values of register [t, h] of a WGMMA-layout array."""
+  *_, vector, _, _ = _ptx()
+  reg = x.registers[t, 0, 0, 0, h, 0, 0, 0, 0]
+  return [vector.extract(reg, [], [e]) for e in range(2)]
+
+
+def _warp_all(pred):
+  """i1 → i1: whether pred holds in every lane of the warp (`vote.sync.all`)."""
+  ir, arith, *_, mgpu_utils, _ = _ptx()
+  i32 = ir.IntegerType.get_signless(32)
+  all_ = mgpu_utils.inline_ptx(
+      "{ .reg .pred p, q; setp.ne.b32 p, $1, 0; vote.sync.all.pred q, p, 0xffffffff; selp.b32 $0, 1, 0, q; }",
+      arith.extui(i32, pred), result_types=i32, convergent=True)
+  return arith.cmpi(arith.CmpIPredicate.ne, all_, arith.constant(i32, 0))
+
+
+def _key_dot(bits: int, tables, part: int):
+  """inline_mgpu function: (words ref [BK, b·W] uint32, qf ref [P, 4, 32, 4] uint32) → [BK, 8]
+  float32 (WGMMA layout): each warp's 16 tokens of the block, expanded in float16 from `tables`,
+  times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by 8 `mma.sync` (k = 16 columns
+  each). The A fragment of k-step j is the thread's pairs 2j and 2j + 1 of both its tokens."""
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(),),
-      return_type=plgpu.ShapeDtypeStruct((BK, HEAD_DIM), dtype, layout=plgpu.Layout.WGMMA),
+      arg_types=(plgpu.RefType(), plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((BK, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
   )
-  def dequant(ctx, words_ref):
+  def dot(ctx, words_ref, qf_ref):
     del ctx
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith, memref  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
+    ir, arith, _, vector, mgpu_utils, _ = _ptx()
+    ops = _MlirOps()
+    index, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
+    lane = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), ops.const(32)))
+    at = lambda i: arith.constant(index, i)
+    qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(4)]
+    qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(16)]  # word 2j + e
+    pairs = _token_pairs(words_ref, bits, tables, ops)
+    zero = arith.constant(ir.F32Type.get(), 0.0)
+    d = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
+    for j in range(8):
+      d[j % KEY_CHAINS] = _mma("f16", [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]],
+                               [qw[2 * j], qw[2 * j + 1]], d[j % KEY_CHAINS])
+    tot = [functools.reduce(arith.addf, [x[e] for x in d]) for e in range(4)]
+    return _fragment(lambda t, h: tot[2 * h:2 * h + 2], (BK, MAX_ROWS))
+
+  return dot
+
+
+def _value_dot(bits: int, tables):
+  """inline_mgpu function: (words ref [BK, b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
+  acc [4·D, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
+  warp w's accumulator of kernel column 16i + r: each warp sums its own 16 tokens. V̂ (bfloat16
+  from `tables`) and pv are transposed in registers (`_transpose8`) into the A fragments of
+  V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv [16 tokens, 8 rows]: 8 `mma.sync`, one per
+  16 columns. corr: the warp's rescaling of its accumulator (equal in a warp's rows; skipped
+  when it is 1 in every lane)."""
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
+      return_type=plgpu.ShapeDtypeStruct((4 * HEAD_DIM, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+  )
+  def dot(ctx, words_ref, pv, corr, acc):
+    del ctx
+    ir, arith, *_, mgpu_utils, _ = _ptx()
+    from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
     ops = _MlirOps()
-    index = ir.IndexType.get()
-    col, row0 = _thread_coords(ops)
-    pair_ty = ir.VectorType.get((2,), mgpu_utils.dtype_to_ir_type(dtype))
-    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((BK, HEAD_DIM)), dtype=object)
-    for h in range(2):  # rows r and r + 8 of the warp's 16
-      row = arith.index_cast(index, arith.addi(row0, ops.const(8 * h)))
-      words = [
-          memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * _W)))])
-          for r in range(bits)
-      ]
-      for k, pair in enumerate(expand(words, bits, tables, ops)):
-        regs[0, k, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(pair, pair_ty)
-    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+    i32 = ir.IntegerType.get_signless(32)
+    pairs = _token_pairs(words_ref, bits, tables, ops)
+    vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]  # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4)
+    b = [_transpose8(mgpu_utils.bitcast(pv.registers[0, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
+    cr = _elems(corr, 0, 0)
+    old = [x for i in range(8) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
+    # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
+    # the first blocks. 32 multiplies per thread skipped; the branch is warp-uniform.
+    one = arith.constant(ir.F32Type.get(), 1.0)
+    unchanged = [arith.cmpf(arith.CmpFPredicate.OEQ, x, one) for x in cr]
+    branch = scf.IfOp(_warp_all(arith.andi(*unchanged)), [x.type for x in old], has_else=True)
+    with ir.InsertionPoint(branch.then_block):
+      scf.yield_(old)
+    with ir.InsertionPoint(branch.else_block):
+      scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
+    c = list(branch.results)
+    out = {}
+    for i in range(8):
+      out[i] = _mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, c[4 * i:4 * i + 4])
+    return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * HEAD_DIM, MAX_ROWS))
 
-  return dequant
+  return dot
+
+
+@plgpu.inline_mgpu(
+    arg_types=(plgpu.Layout.WGMMA,),
+    return_type=plgpu.ShapeDtypeStruct((BK, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+)
+def _warp_max(ctx, s):
+  """s [BK, 8] float32 (WGMMA layout) → per warp the column max of its 16 rows, in each of them
+  (three butterfly shuffles over the lanes of a column pair; NaN propagates)."""
+  del ctx
+  ir, arith, *_, mgpu_utils, _ = _ptx()
+  ops = _MlirOps()
+  i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+  x = [arith.maximumf(a, b) for a, b in zip(_elems(s, 0, 0), _elems(s, 0, 1))]
+  for lanes in (4, 8, 16):
+    for e in range(2):
+      y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, x[e]),
+                                ops.const(lanes), result_types=i32, convergent=True)
+      x[e] = arith.maximumf(x[e], arith.bitcast(f32, y))
+  return _fragment(lambda t, h: x, (BK, MAX_ROWS))
+
+
+@plgpu.inline_mgpu(
+    arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
+    return_type=plgpu.ShapeDtypeStruct((HEAD_DIM, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+)
+def _warp_sum(ctx, acc, w, scratch):
+  """Σ over warps of acc·w: acc [4·D, 8] (`_value_dot`), w [BK, 8] per-warp weights (equal in a
+  warp's rows), scratch [4, D, 8] float32 SMEM → [D, 8] (WGMMA layout), through shared memory."""
+  del ctx
+  ir, arith, _, vector, mgpu_utils, _ = _ptx()
+  ops = _MlirOps()
+  index, f32 = ir.IndexType.get(), ir.F32Type.get()
+  c, row0 = _thread_coords(ops)
+  warp = arith.divui(row0, ops.const(16))
+  g = arith.remui(row0, ops.const(16))
+  ix = lambda v: arith.index_cast(index, v)
+  col = ix(arith.muli(c, ops.const(2)))
+  wr = _elems(w, 0, 0)
+  for i in range(8):
+    for h in range(2):
+      vals = [arith.mulf(x, wr[e]) for e, x in enumerate(_elems(acc, i, h))]
+      vec = vector.from_elements(ir.VectorType.get((2,), f32), vals)
+      vector.store(vec, scratch, [ix(warp), ix(arith.addi(g, ops.const(16 * i + 8 * h))), col])
+  mgpu_utils.warpgroup_barrier()
+  out = {}
+  for t in range(2):
+    for h in range(2):
+      r = ix(arith.addi(row0, ops.const(64 * t + 8 * h)))
+      vals = [vector.load(ir.VectorType.get((2,), f32), scratch, [arith.constant(index, v), r, col]) for v in range(4)]
+      tot = vals[0]
+      for v in vals[1:]:
+        tot = arith.addf(tot, v)
+      out[t, h] = [vector.extract(tot, [], [e]) for e in range(2)]
+  mgpu_utils.warpgroup_barrier()  # every thread is done with the scratch before it is reused
+  return _fragment(lambda t, h: out[t, h], (HEAD_DIM, MAX_ROWS))
 
 
 def _thread_coords(ops):
-  """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA tile."""
+  """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA-layout
+  tile (per warp: the rows and columns of an mma.sync m16n8 fragment)."""
   from jax._src.lib.mlir.dialects import arith  # noqa: PLC0415
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
 
@@ -303,37 +473,6 @@ def _thread_coords(ops):
   lane = arith.remui(tid, ops.const(32))
   row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
   return arith.remui(lane, ops.const(_W)), row0
-
-
-_PT_TRANSFORMS = _swizzled(BK)  # pᵀ [8, BK] bfloat16: 128-byte rows, 128-byte swizzle (`swizzle128_column`)
-
-
-def swizzle128_column(row, col, ops):
-  """Column of element (row, col) of a 16-bit tile with 128-byte rows as stored under a 128-byte
-  swizzle (`SwizzleTransform(128)`, what wgmma reads): 16-byte chunk col / 8 is XORed with row % 8."""
-  return ops.bor(ops.shl(ops.bxor(ops.shr(col, 3), ops.band(row, ops.const(7))), 3), ops.band(col, ops.const(7)))
-
-
-@plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(transforms=_PT_TRANSFORMS)))
-def _store_transposed(ctx, p, pt_ref):
-  """p [BK, 8] bfloat16 (WGMMA layout) → pt_ref [8, BK] (tiled [1, 1, 8, BK], 128-byte swizzle):
-  each thread writes its 4 values to their transposed, swizzled places."""
-  del ctx
-  from jax._src.lib.mlir import ir  # noqa: PLC0415
-  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
-
-  ops = _MlirOps()
-  index = ir.IndexType.get()
-  c, row0 = _thread_coords(ops)
-  zero = arith.constant(index, 0)
-  for h in range(2):
-    t = arith.addi(row0, ops.const(8 * h))
-    pair = p.registers[0, 0, 0, 0, h, 0, 0, 0, 0]
-    for e in range(2):
-      r = arith.addi(arith.muli(c, ops.const(2)), ops.const(e))
-      tcol = swizzle128_column(r, t, ops)
-      val = vector.extract(pair, [], [e])
-      memref.store(val, pt_ref, [zero, zero, arith.index_cast(index, r), arith.index_cast(index, tcol)])
 
 
 @plgpu.inline_mgpu()
@@ -350,10 +489,10 @@ def _fence_gpu(ctx):
 
 
 def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
-  """q [N, 8 or 16, D] float16 (kernel order; rows scaled by powers of two; rows 8-15: the QJL
-  projections S·q of prod keys), par [N, 8, 8] int32 per row: offset, q scale (float32 bits),
-  lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32,
-  vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32 and residual norms kr [N, S']
+  """q [N, P, 4, 32, 4] uint32: `q_fragments` of the float16 query rows (kernel order, scaled by
+  powers of two; P = 2 for prod keys: the QJL projections S·q second), par [N, 8, 8] int32 per
+  row: offset, q scale (float32 bits), lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W]
+  u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32 and residual norms kr [N, S']
   (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32 (value kernel order), ml [N, 4, 8]
   f32 (m, l, and two unused rows: a TMA copy moves a multiple of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
@@ -361,9 +500,9 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
   prod = ks is not None
-  deq_k = _dequantizer(k_bits, jnp.float16, byte_tables(k_bits, np.float16))
-  deq_v = _dequantizer(v_bits, jnp.bfloat16, byte_tables(v_bits, ml_dtypes.bfloat16))
-  deq_s = _dequantizer(1, jnp.float16, SIGN_TABLE)
+  key_dot = _key_dot(k_bits, byte_tables(k_bits, np.float16), 0)
+  sign_dot = _key_dot(1, SIGN_TABLE, 1)
+  value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16))
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   L = plgpu.Layout
   R = MAX_ROWS
@@ -401,62 +540,46 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
 
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
-
-      def dot(operand, rows):  # against rows 0-7 (q) or 8-15 (S·q) of q_smem; waits for every wgmma
-        def run(acc_ref):
-          plgpu.wgmma(acc_ref, operand, q_smem.at[pl.ds(rows * R, R)].T)
-          return acc_ref[...]
-        return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
-      s = dot(deq_k(kc_smem.at[slot]), 0) * col(qscale)  # also retires the previous value dot
+      s = key_dot(kc_smem.at[slot], q_smem) * col(qscale)
       if not prod:
         return s
-      # The signs are expanded after the key dot's wait, so K̂'s registers are free by then.
-      return s + dot(deq_s(stage_smem[4].at[slot]), 1) * col(sqscale) * row(norm(stage_smem[5], slot))
+      return s + sign_dot(stage_smem[4].at[slot], q_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
 
-    def blocks(acc_ref, vd_smem, pt_smem):
-      """The online softmax over this split's blocks; returns m, lpart (acc_ref holds acc)."""
+    def step(i, carry):
+      """One block: each warp runs its own online softmax over its 16 tokens (m [BK, R] is the
+      warp's running max in each of its rows, lpart per thread)."""
+      acc, m, lpart = carry
+      slot = lax.rem(i, stages)
+      start = (first + i) * BK
+      plgpu.barrier_wait(bars.at[slot])
+      s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
+      if soft_cap is not None:
+        s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
+      slots = iota + start
+      ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
+      s = jnp.where(ok, s, -jnp.inf)
+      m_new = jnp.maximum(m, _warp_max(s))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      p = jnp.exp(s - m_safe)
+      corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
+      lpart = lpart * corr + p
+      pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
+      acc = value_dot(vc_smem.at[slot], pv.astype(jnp.bfloat16), corr, acc)
+      plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
+      pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
+      return acc, m_new, lpart
 
-      def step(i, carry):
-        m, lpart = carry
-        slot = lax.rem(i, stages)
-        start = (first + i) * BK
-        plgpu.barrier_wait(bars.at[slot])
-        s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
-        if soft_cap is not None:
-          s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
-        slots = iota + start
-        ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
-        s = jnp.where(ok, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=0))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - col(m_safe))
-        corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
-        lpart = lpart * col(corr) + p
-        pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
-        vd_smem[...] = deq_v(vc_smem.at[slot])  # the previous value dot is done: the key dot waited
-        _store_transposed(pv.astype(jnp.bfloat16), pt_smem)
-        plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
-        pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
-        acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(corr, (HEAD_DIM, R), [1])
-        plgpu.wgmma(acc_ref, vd_smem.T, pt_smem.T)  # left in flight: overlaps the next key dequantization
-        return m_new, lpart
+    acc0 = plgpu.layout_cast(jnp.zeros((4 * HEAD_DIM, R), jnp.float32), L.WGMMA)
+    m0 = plgpu.layout_cast(jnp.full(shape, -jnp.inf, jnp.float32), L.WGMMA)
+    l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
+    acc, m_warp, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
+    # The warps' partials, merged: weights exp(m_warp − m), m the max over warps.
+    m = jnp.max(m_warp, axis=0)
+    w = jnp.exp(m_warp - col(jnp.where(m == -jnp.inf, 0.0, m)))  # a warp with m_warp = −inf: 0
+    l = jnp.sum(lpart * w, axis=0)
+    acc = pl.run_scoped(functools.partial(_warp_sum, acc, w), plgpu.SMEM((4, HEAD_DIM, R), jnp.float32))
 
-      acc_ref[...] = plgpu.layout_cast(jnp.zeros((HEAD_DIM, R), jnp.float32), L.WGMMA)
-      m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), L.WGMMA.reduce(0))
-      l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
-      return lax.fori_loop(0, steps, step, (m0, l0))
-
-    def loop(acc_ref):
-      m, lpart = pl.run_scoped(functools.partial(blocks, acc_ref),
-                               plgpu.SMEM((BK, HEAD_DIM), jnp.bfloat16, transforms=_swizzled(HEAD_DIM)),
-                               plgpu.SMEM((R, BK), jnp.bfloat16, transforms=_PT_TRANSFORMS))
-      return acc_ref[...], m, lpart
-
-    acc, m, lpart = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, R), jnp.float32))
-    l = jnp.sum(lpart, axis=0)
-
-    def store(acc, m, l):  # in the shared memory the value tiles used
+    def store(acc, m, l):  # through scoped shared memory and TMA
       def run(out_smem, ml_smem):
         out_smem[...] = acc
         ml_smem[0] = m
@@ -535,7 +658,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            approx_math=soft_cap is None, unsafe_no_auto_barriers=True),
       scratch_types=[
-          plgpu.SMEM(q.shape[1:], jnp.float16, transforms=_swizzled(HEAD_DIM)),
+          plgpu.SMEM(q.shape[1:], jnp.uint32),
           plgpu.SMEM(par.shape[1:], jnp.int32),
           plgpu.Barrier(num_barriers=2),
           *stage_types,
@@ -625,6 +748,7 @@ def decode_partial(
     coef = jnp.float32(1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim))
     sq, sqscale = _float16_rows(rows_of(pq.sq[0].astype(jnp.float32)[..., kernel_perm(1)] * coef))
     q = jnp.concatenate([q, sq], axis=1)
+  q = q_fragments(q)
   f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
   par = [f32_bits(rows_of(pq.offset.astype(jnp.float32))), f32_bits(qscale), rng(lo, seq), rng(hi, 0),
@@ -637,6 +761,17 @@ def decode_partial(
   m, l = ml[:, 0, :rows], ml[:, 1, :rows]  # [N, R]
   acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits))]  # [N, R, D] natural order
   return (acc.reshape(b, kh, g, t, d),), m.reshape(b, kh, g, t), l.reshape(b, kh, g, t)
+
+
+def q_fragments(q):
+  """q [N, P·8, D] float16 (kernel order) → [N, P, 4, 32, 4] uint32: for each group of 8 rows,
+  the B fragments of `mma.sync` m16n8k16 for k-steps j = 0..7 (columns 16j .. 16j + 15), lane
+  t = 4g + c holding words 2j + e = (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1]) (low half
+  first), stored as [4 vectors, 32 lanes, 4 words] so that a warp's 16-byte loads are contiguous."""
+  n, rows, _ = q.shape
+  x = q.reshape(n, rows // 8, 8, 8, 2, 4, 2)  # (part, g, j, e, c, pair)
+  x = lax.bitcast_convert_type(x.transpose(0, 1, 2, 5, 3, 4, 6), jnp.uint32)  # [n, P, g, c, j, e]
+  return x.reshape(n, rows // 8, 32, 4, 4).transpose(0, 1, 3, 2, 4)
 
 
 def _float16_rows(q):

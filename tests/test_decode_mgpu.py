@@ -87,15 +87,31 @@ def test_expand_of_qjl_signs_is_plus_minus_one():
 
 
 @pytest.mark.math
-def test_swizzle128_column():
-  """pᵀ's store address: within each row a permutation that moves whole 16-byte chunks (8
-  elements) to chunk (col / 8) XOR (row % 8), keeping the offset inside the chunk."""
-  rows, cols = np.meshgrid(np.arange(16, dtype=np.uint32), np.arange(64, dtype=np.uint32), indexing="ij")
-  got = M.swizzle128_column(rows, cols, M.NumpyOps).astype(np.int64)
-  for r in range(16):
-    assert sorted(got[r]) == list(range(64))
-  np.testing.assert_array_equal(got // 8, (cols // 8) ^ (rows % 8))
-  np.testing.assert_array_equal(got % 8, cols % 8)
+def test_q_fragments_are_the_mma_b_fragments():
+  """`q_fragments`: lane 4g + c, word 2j + e holds (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1])
+  (low half first) at [part, word // 4, lane, word % 4], element by element."""
+  r = np.random.default_rng(1)
+  q = r.standard_normal((3, 16, 128)).astype(np.float16)
+  got = np.asarray(M.q_fragments(jnp.asarray(q)))
+  bits = q.view(np.uint16).astype(np.uint32)
+  for n in range(3):
+    for part in range(2):
+      for g in range(8):
+        for c in range(4):
+          for j in range(8):
+            for e in range(2):
+              col = 16 * j + 8 * e + 2 * c
+              want = bits[n, 8 * part + g, col] | (bits[n, 8 * part + g, col + 1] << 16)
+              word = 2 * j + e
+              assert got[n, part, word // 4, 4 * g + c, word % 4] == want
+
+
+def _q_rows(qf):
+  """Inverse of `q_fragments`: [N, P, 4, 32, 4] uint32 → [N, P·8, D] float32."""
+  n, parts = qf.shape[:2]
+  x = jnp.swapaxes(qf, 2, 3).reshape(n, parts, 8, 4, 8, 2)  # (part, g, c, j, e)
+  x = lax.bitcast_convert_type(x, jnp.float16)  # [..., pair]
+  return x.transpose(0, 1, 2, 4, 5, 3, 6).reshape(n, parts * 8, M.HEAD_DIM).astype(jnp.float32)
 
 
 @pytest.mark.math
@@ -218,6 +234,7 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, s
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
   seq = kc.shape[1]
+  q = _q_rows(q)
   f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
   offset, qscale, lo, hi, sqscale = f32(par[:, 0]), f32(par[:, 1]), par[:, 2], par[:, 3], f32(par[:, 4])  # [N, 8]
 
