@@ -30,13 +30,14 @@ barrier inside a block but the one that frees the stage slot for its refill.
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
   row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
   S·q/(κ·m), × the residual norms.
-* Online softmax per warp: the max over its 16 tokens by three shuffles (`_warp_max`); l is
-  kept per thread. Without a soft cap exp is approximate (ex2.approx).
+* Online softmax per warp: the max over its 16 tokens by three rounds of shuffles
+  (`_warp_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
 * Values (`_value_dot`): V̂ [16, 128] is dequantized the same way (bfloat16) and each 8×8 tile
   transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
   into the B fragment; accᵀ [128, 8] += V̂ᵀ · p·‖v‖ by 8 mma (one per 16 columns), each warp
   into its own accumulator, rescaled only when the warp's max moved.
-* At the end the four warps' (acc, m, l) are merged through shared memory (`_warp_sum`).
+* At the end the four warps' partials are merged: m and l by Pallas reductions, acc through
+  shared memory (`_warp_sum`).
 * Splits are merged in the kernel (flash-decoding): every split but the last stores its
   partial (acc, m, l) to global memory and signals a semaphore of its (batch, kv head); the last
   split waits for the others and merges them, four partials per memory round trip. The kernel
@@ -413,7 +414,8 @@ def _value_dot(bits: int, tables):
 )
 def _warp_max(ctx, s):
   """s [BK, 8] float32 (WGMMA layout) → per warp the column max of its 16 rows, in each of them
-  (three butterfly shuffles over the lanes of a column pair; NaN propagates)."""
+  (three rounds of butterfly shuffles over the lanes of a column pair, one shuffle per column
+  and round; NaN propagates)."""
   del ctx
   ir, arith, *_, mgpu_utils, _ = _ptx()
   ops = _MlirOps()
@@ -475,16 +477,6 @@ def _thread_coords(ops):
   return arith.remui(lane, ops.const(_W)), row0
 
 
-@plgpu.inline_mgpu()
-def _fence_gpu(ctx):
-  """`fence.acq_rel.gpu` in every thread: its earlier global stores are ordered before its later
-  ones GPU-wide (here: before a semaphore signal another CTA acquires)."""
-  del ctx
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
-
-  mgpu_utils.inline_ptx("fence.acq_rel.gpu;", has_side_effects=True)
-
-
 # ----------------------------------------------------------------------------- the kernel
 
 
@@ -492,9 +484,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   """q [N, P, 4, 32, 4] uint32: `q_fragments` of the float16 query rows (kernel order, scaled by
   powers of two; P = 2 for prod keys: the QJL projections S·q second), par [N, 8, 8] int32 per
   row: offset, q scale (float32 bits), lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W]
-  u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32 and residual norms kr [N, S']
-  (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32 (value kernel order), ml [N, 4, 8]
-  f32 (m, l, and two unused rows: a TMA copy moves a multiple of 128 bytes), the splits merged."""
+  u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W]
+  u32 and residual norms kr [N, S'] (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32
+  (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
+  of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
   nblocks = pl.cdiv(seq, BK)
   per_split = pl.cdiv(nblocks, num_splits)
@@ -559,7 +552,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
       s = jnp.where(ok, s, -jnp.inf)
       m_new = jnp.maximum(m, _warp_max(s))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      m_safe = _zero_if_empty(m_new)
       p = jnp.exp(s - m_safe)
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
       lpart = lpart * corr + p
@@ -575,11 +568,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
     acc, m_warp, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
     # The warps' partials, merged: weights exp(m_warp − m), m the max over warps.
     m = jnp.max(m_warp, axis=0)
-    w = jnp.exp(m_warp - col(jnp.where(m == -jnp.inf, 0.0, m)))  # a warp with m_warp = −inf: 0
+    w = jnp.exp(m_warp - col(_zero_if_empty(m)))  # a warp with m_warp = −inf: 0
     l = jnp.sum(lpart * w, axis=0)
     acc = pl.run_scoped(functools.partial(_warp_sum, acc, w), plgpu.SMEM((4, HEAD_DIM, R), jnp.float32))
 
-    def store(acc, m, l):  # through scoped shared memory and TMA
+    def store(acc, m, l):
+      """acc [D, R], m, l [R] (this head's result) → acc_gmem, ml_gmem, through shared memory."""
       def run(out_smem, ml_smem):
         out_smem[...] = acc
         ml_smem[0] = m
@@ -596,28 +590,32 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       return
     # Flash-decoding merge in the kernel: splits 0 .. last − 1 publish their partials to global
     # memory and signal a semaphore of their (batch, kv head); the last split waits for all of
-    # them and merges. CTAs start in grid order, split after split, so every CTA the last split
-    # waits for was started before it and never waits itself: no deadlock.
+    # them and merges. Pallas launches the grid reversed (blockIdx.x = split): a head's splits
+    # have consecutive linear block indices and its last split the highest. CTAs are dispatched
+    # in linear order (not documented by CUDA; CUTLASS's serial split-K relies on it too), so
+    # every CTA the last split waits for was started before it and never waits itself.
     part_acc, part_ml = refs[n_in + 2:n_in + 4]
     sem = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))  # zeroed by every call
     last = splits - 1
 
     @pl.when(split < last)
-    def _publish():
+    def _publish():  # acc [D, R], m, l [R] → part_acc, part_ml[bh, split]; then signal
       part_acc.at[bh, split][...] = acc
       part_ml.at[bh, split, 0][...] = m
       part_ml.at[bh, split, 1][...] = l
-      _fence_gpu()  # this thread's stores are visible GPU-wide before ...
-      plgpu.commit_smem()  # ... every thread has reached this barrier, then one thread signals
+      # Every thread's stores precede the barrier, which precedes one thread's cumulative
+      # release (red.release.gpu); the last split acquires it (CAS, fence.acquire.gpu, barrier).
+      plgpu.commit_smem()
       plgpu.semaphore_signal(sem.at[bh], memory_scope="gpu")
 
     @pl.when(split == last)
-    def _merge():
+    def _merge():  # part_acc [N, last, D, R], part_ml [N, last, 2, R] + this split's → store
       plgpu.semaphore_wait(sem.at[bh], last, memory_scope="gpu")  # acquire; zero again after
       cols = lambda x: lax.broadcast_in_dim(x, (HEAD_DIM, R), [1])
 
       def add(carry, first_split, count):
-        """Merges partials first_split .. + count − 1 into carry, all loads issued first."""
+        """carry (acc [D, R], m, l [R]) with partials first_split .. + count − 1 merged in, all
+        their loads issued first."""
         acc, m, l = carry
         parts = []
         for j in range(count):
@@ -626,7 +624,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
                         plgpu.load(ml_s.at[0], layout=L.WGMMA.reduce(0), optimized=False),
                         plgpu.load(ml_s.at[1], layout=L.WGMMA.reduce(0), optimized=False)))
         m_new = functools.reduce(jnp.maximum, [m_s for _, m_s, _ in parts], m)
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all −inf: every weight exp(−inf) = 0
+        m_safe = _zero_if_empty(m_new)  # all −inf: every weight exp(−inf) = 0
         w = jnp.exp(m - m_safe)
         acc, l = acc * cols(w), l * w
         for acc_s, m_s, l_s in parts:
@@ -652,9 +650,9 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       grid_names=("bh", "split"),
       # Approximate math (ex2.approx, ~2^-22 relative) only without a soft cap: it would also
       # approximate tanh (~2^-11 absolute, × the cap on a logit). 2-5 % faster at S = 32k.
-      # No automatic barriers around shared-memory stores and TMA issues (6 of the 9 warpgroup
-      # barriers per block): the stage slots are refilled after `commit_smem`'s barrier, and the
-      # value tiles are rewritten only after the key dot's wait has retired the value dot.
+      # No automatic barriers around shared-memory stores and TMA issues: the only shared-memory
+      # hazard in the loop is a stage slot's refill, ordered by `commit_smem`'s barrier; the
+      # scratch after it (`_warp_sum`, `store`) orders itself.
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            approx_math=soft_cap is None, unsafe_no_auto_barriers=True),
       scratch_types=[
@@ -689,7 +687,8 @@ def supported(cache) -> tuple[bool, str]:
 def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
   """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs several deep in even
   splits, each ≥ 4 blocks (16 at B·K = 64; 8 and 32 splits were within ±2 % of it at S = 32k on
-  an H200, 2026-11-28)."""
+  an H200, measured with session 7's wgmma kernel and the split merge in XLA, 2026-11-28; not
+  re-measured since the merge moved into the kernel)."""
   nblocks = pl.cdiv(seq, BK)
   want = 1 << (max(1, ctas // heads).bit_length() - 1)
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
@@ -772,6 +771,11 @@ def q_fragments(q):
   x = q.reshape(n, rows // 8, 8, 8, 2, 4, 2)  # (part, g, j, e, c, pair)
   x = lax.bitcast_convert_type(x.transpose(0, 1, 2, 5, 3, 4, 6), jnp.uint32)  # [n, P, g, c, j, e]
   return x.reshape(n, rows // 8, 32, 4, 4).transpose(0, 1, 3, 2, 4)
+
+
+def _zero_if_empty(m):
+  """A running max with −inf (nothing attended yet) replaced by 0: the shift of exp(s − ·)."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
 
 
 def _float16_rows(q):
