@@ -400,9 +400,8 @@ def _value_dot(bits: int, tables):
     with ir.InsertionPoint(branch.else_block):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
     c = list(branch.results)
-    out = {}
-    for i in range(8):
-      out[i] = _mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, c[4 * i:4 * i + 4])
+    out = [_mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, c[4 * i:4 * i + 4])
+           for i in range(8)]
     return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * HEAD_DIM, MAX_ROWS))
 
   return dot
@@ -457,9 +456,7 @@ def _warp_sum(ctx, acc, w, scratch):
     for h in range(2):
       r = ix(arith.addi(row0, ops.const(64 * t + 8 * h)))
       vals = [vector.load(ir.VectorType.get((2,), f32), scratch, [arith.constant(index, v), r, col]) for v in range(4)]
-      tot = vals[0]
-      for v in vals[1:]:
-        tot = arith.addf(tot, v)
+      tot = functools.reduce(arith.addf, vals)
       out[t, h] = [vector.extract(tot, [], [e]) for e in range(2)]
   mgpu_utils.warpgroup_barrier()  # every thread is done with the scratch before it is reused
   return _fragment(lambda t, h: out[t, h], (HEAD_DIM, MAX_ROWS))
@@ -468,9 +465,7 @@ def _warp_sum(ctx, acc, w, scratch):
 def _thread_coords(ops):
   """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA-layout
   tile (per warp: the rows and columns of an mma.sync m16n8 fragment)."""
-  from jax._src.lib.mlir.dialects import arith  # noqa: PLC0415
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
-
+  _, arith, *_, mgpu_utils, _ = _ptx()
   tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
   lane = arith.remui(tid, ops.const(32))
   row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))

@@ -585,7 +585,8 @@ def compressed_partial_reference(cache, pq, lo, hi, soft_cap, block_size=1024):
 def _finish_values(cache: KVCache, accs: tuple, l: jax.Array) -> jax.Array:
   """Normalizes accumulated values by l, un-rotates them once and undoes the channel split:
   → [B, K, G, T, D]. The division comes before the (linear) un-rotation so that XLA may fuse it
-  into a kernel's split merge instead of running it as a kernel of its own."""
+  into the fusion that finishes a kernel's output (the Triton kernel's split merge, the Mosaic
+  GPU kernel's un-permutation) instead of running it as a kernel of its own."""
   denom = jnp.where(l > 0, l, 1.0)[..., None]
   outs = [unrotate(tq.rotation, acc / denom) for acc, tq in zip(accs, (cache.v.quantizer, cache.v.outlier_quantizer))]
   o = outs[0] if len(outs) == 1 else jnp.concatenate([outs[1], outs[0]], axis=-1)
