@@ -24,8 +24,9 @@ barrier inside a block but the one that frees the stage slot for its refill.
   codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
   `prmt` + XOR.
 * Keys (`_key_dot`): per warp logitsᵀ [16 tokens, 8] = K̂ [16, 128] · qᵀ in float16, 8 mma
-  k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two
-  (`_float16_rows`), q's B fragments prepared in XLA (`q_fragments`); × q scale × key norms,
+  k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
+  their B fragments built once per CTA from the float32 rows of the rotation's output
+  (`_prepare_query`; references `_float16_rows`, `q_fragments`); × q scale × key norms,
   + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching past S gets zeros
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
   row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
@@ -71,6 +72,8 @@ HEAD_DIM = 128  # W = 4 packed columns: one per lane of an mma fragment's column
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
+_PAR = ("offset", "qscale", "lo", "hi", "sqscale", None, None, None)  # the rows of par (8 · 4 bytes each)
+_MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
 BITS = (1, 2, 3, 4)
 _W = HEAD_DIM // packing.WORD_BITS
 
@@ -462,6 +465,72 @@ def _warp_sum(ctx, acc, w, scratch):
   return _fragment(lambda t, h: out[t, h], (HEAD_DIM, MAX_ROWS))
 
 
+def _prepare_query(parts):
+  """inline_mgpu function: (q refs [R, D] float32 (one per part), qf ref [P, 4, 32, 4] uint32,
+  par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query;
+  for prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order,
+  rows ≥ R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its
+  reference) in kernel order (`kernel_perm(bits)`) and stores them as the B fragments that
+  `q_fragments` lays out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or
+  "sqscale" (part 1). Lane 4g + c gathers coordinates 4·slot + c of row g (`kernel_slots`),
+  exactly its own fragment words; the row max is a maximum over the 4 lanes of a row. Ends with
+  a warpgroup barrier."""
+
+  @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
+  def prepare(ctx, q_refs, qf_ref, par_ref):
+    del ctx
+    ir, arith, memref, vector, mgpu_utils, _ = _ptx()
+    from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
+
+    ops = _MlirOps()
+    index, i32, f32 = ir.IndexType.get(), ir.IntegerType.get_signless(32), ir.F32Type.get()
+    ix = lambda v: arith.index_cast(index, v)
+    tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
+    warp, lane = arith.divui(tid, ops.const(32)), arith.remui(tid, ops.const(32))
+    g, c = arith.divui(lane, ops.const(4)), arith.remui(lane, ops.const(_W))
+    mine = [arith.cmpi(arith.CmpIPredicate.eq, warp, ops.const(p)) for p in range(len(parts))]
+    for p, ((bits, coef), q_ref) in enumerate(zip(parts, q_refs)):
+      branch = scf.IfOp(mine[p])
+      with ir.InsertionPoint(branch.then_block):
+        ops = _MlirOps()  # constants made in this region stay in it
+        rows = ir.MemRefType(q_ref.type).shape[0]
+        real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
+        row = ix(arith.minui(g, ops.const(rows - 1)))
+        x = []
+        for slot in kernel_slots(bits):
+          v = memref.load(q_ref, [row, ix(arith.addi(c, ops.const(_W * int(slot))))])
+          if coef != 1.0:
+            v = arith.mulf(v, arith.constant(f32, coef))
+          x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
+        # max |x| on the bit patterns: with the sign bit cleared integer order is float order,
+        # and NaN sorts above +inf, so a row holding NaN or ±inf gets exponent field 255.
+        amax = functools.reduce(arith.maxui, [ops.band(e, ops.const(0x7FFFFFFF)) for e in x])
+        for lanes in (1, 2):
+          y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", amax, ops.const(lanes),
+                                    result_types=i32, convergent=True)
+          amax = arith.maxui(amax, y)
+        expo = ops.shr(amax, 23)  # max |x| ∈ [2^(E−127), 2^(E−126)): scale 2^(E−135), |x / scale| < 512
+        ok = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, expo, ops.const(_MIN_EXPONENT)),
+                        arith.cmpi(arith.CmpIPredicate.ule, expo, ops.const(254)))
+        one = ops.const(0x3F800000)
+        scale = arith.select(ok, ops.shl(arith.subi(expo, ops.const(8)), 23), one)
+        inv = arith.bitcast(f32, arith.select(ok, ops.shl(arith.subi(ops.const(262), expo), 23), one))
+        y = [arith.mulf(arith.bitcast(f32, e), inv) for e in x]  # exact: a power of two, no overflow
+        words = [mgpu_utils.inline_ptx("cvt.rn.f16x2.f32 $0, $1, $2;", y[2 * k + 1], y[2 * k], result_types=i32)
+                 for k in range(16)]  # word k = 2j + e: kernel columns 16j + 8e + 2c + (0, 1)
+        for v in range(4):
+          vec = vector.from_elements(ir.VectorType.get((4,), i32), words[4 * v:4 * v + 4])
+          vector.store(vec, qf_ref, [ix(ops.const(p)), ix(ops.const(v)), ix(lane), ix(ops.const(0))])
+        first = scf.IfOp(arith.cmpi(arith.CmpIPredicate.eq, c, ops.const(0)))
+        with ir.InsertionPoint(first.then_block):
+          memref.store(scale, par_ref, [ix(ops.const(_PAR.index(("qscale", "sqscale")[p]))), ix(g)])
+          scf.yield_([])
+        scf.yield_([])
+    mgpu_utils.warpgroup_barrier()
+
+  return prepare
+
+
 def _thread_coords(ops):
   """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA-layout
   tile (per warp: the rows and columns of an mma.sync m16n8 fragment)."""
@@ -475,12 +544,14 @@ def _thread_coords(ops):
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
-  """q [N, P, 4, 32, 4] uint32: `q_fragments` of the float16 query rows (kernel order, scaled by
-  powers of two; P = 2 for prod keys: the QJL projections S·q second), par [N, 8, 8] int32 per
-  row: offset, q scale (float32 bits), lo, hi, S·q scale (float32 bits), unused; kc [N, S, bk·W]
+def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
+                 num_splits, stages):
+  """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 per row
+  (`_PAR`): offset (float32 bits), lo, hi, the rest zero (the kernel writes the scales:
+  `_prepare_query`); kc [N, S, bk·W]
   u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W]
-  u32 and residual norms kr [N, S'] (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32
+  u32, residual norms kr [N, S'] and projections sq [N, R, D] float32 (S·q, × qjl_coef in the
+  kernel) (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
@@ -492,21 +563,27 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
   sign_dot = _key_dot(1, SIGN_TABLE, 1)
   value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16))
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
+  parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
+  inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
+  prepare_query = _prepare_query(parts)
   L = plgpu.Layout
   R = MAX_ROWS
 
   def tq_decode_mgpu(*refs):
-    n_in = streams + 2
-    q_gmem, par_gmem, *stage_gmem = refs[:n_in]
+    n_in = len(inputs)
+    q_gmem, par_gmem, *stage_gmem = refs[:streams + 2]
+    query_gmem = (q_gmem, *refs[streams + 2:n_in])  # q (, sq)
     acc_gmem, ml_gmem = refs[n_in:n_in + 2]
-    q_smem, par_smem, const_bar, *stage_smem, bars = refs[n_in + (2 if splits == 1 else 4):]
+    scratch = refs[n_in + (2 if splits == 1 else 4):]
+    query_smem, (qf_smem, par_smem, q_bar), stage_smem, bars = (
+        scratch[:len(parts)], scratch[len(parts):len(parts) + 3], scratch[len(parts) + 3:-1], scratch[-1])
     kc_smem, kn_smem, vc_smem, vn_smem = stage_smem[:4]
     bh = lax.axis_index("bh")
     split = lax.axis_index("split")
     first = split * per_split
     steps = jnp.minimum(first + per_split, nblocks) - first
-    plgpu.copy_gmem_to_smem(q_gmem.at[bh], q_smem, const_bar.at[0])
-    plgpu.copy_gmem_to_smem(par_gmem.at[bh], par_smem, const_bar.at[1])
+    for src, dst in zip(query_gmem + (par_gmem,), (*query_smem, par_smem)):
+      plgpu.copy_gmem_to_smem(src.at[bh], dst, q_bar.at[0])
 
     def fetch(i, slot):
       rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
@@ -515,11 +592,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
-    for b in range(2):
-      plgpu.barrier_wait(const_bar.at[b])
-    par = [plgpu.load(par_smem.at[r], layout=L.WGMMA.reduce(0)) for r in range(5)]
+    plgpu.barrier_wait(q_bar.at[0])
+    prepare_query(tuple(query_smem), qf_smem, par_smem)
+    par = {name: plgpu.load(par_smem.at[i], layout=L.WGMMA.reduce(0)) for i, name in enumerate(_PAR) if name}
     f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
-    offset, qscale, lo, hi, sqscale = f32(par[0]), f32(par[1]), par[2], par[3], f32(par[4])
+    offset, qscale, lo, hi, sqscale = (f32(par["offset"]), f32(par["qscale"]), par["lo"], par["hi"],
+                                       f32(par["sqscale"]))
     shape = (BK, R)
     col = lambda x: lax.broadcast_in_dim(x, shape, [1])
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
@@ -528,10 +606,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
 
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
-      s = key_dot(kc_smem.at[slot], q_smem) * col(qscale)
+      s = key_dot(kc_smem.at[slot], qf_smem) * col(qscale)
       if not prod:
         return s
-      return s + sign_dot(stage_smem[4].at[slot], q_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
+      return s + sign_dot(stage_smem[4].at[slot], qf_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def step(i, carry):
       """One block: each warp runs its own online softmax over its 16 tokens (m [BK, R] is the
@@ -633,9 +711,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
         carry = add(carry, last - last % MERGE_UNROLL, last % MERGE_UNROLL)
       store(*carry)
 
-  inputs = (q, par, kc, kn, vc, vn) + ((ks, kr) if prod else ())
   stage_types = [plgpu.SMEM((stages, BK, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, BK), x.dtype)
-                 for x in inputs[2:]]
+                 for x in inputs[2:2 + streams]]
   run = plgpu.kernel(
       tq_decode_mgpu,
       out_type=(jax.ShapeDtypeStruct((n, HEAD_DIM, R), jnp.float32), jax.ShapeDtypeStruct((n, 4, R), jnp.float32))
@@ -651,9 +728,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, so
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            approx_math=soft_cap is None, unsafe_no_auto_barriers=True),
       scratch_types=[
-          plgpu.SMEM(q.shape[1:], jnp.uint32),
+          *(plgpu.SMEM(q.shape[1:], jnp.float32) for _ in parts),
+          plgpu.SMEM((len(parts), 4, 32, 4), jnp.uint32),  # the B fragments of the query rows
           plgpu.SMEM(par.shape[1:], jnp.int32),
-          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=1, num_arrivals=len(parts) + 1),
           *stage_types,
           plgpu.Barrier(num_barriers=stages, num_arrivals=streams),
       ],
@@ -736,22 +814,17 @@ def decode_partial(
     x = x.reshape(n, rows, *x.shape[4:])
     return jnp.pad(x, [(0, 0), (0, MAX_ROWS - rows)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
 
-  q, qscale = _float16_rows(rows_of(pq.q[0].astype(jnp.float32)[..., kernel_perm(k_bits)]))
-  sqscale = jnp.zeros_like(qscale)
-  if prod:  # the QJL term ‖r‖·(S·q)·signs / (κ·m) is a second dot against rows 8-15 of q
-    coef = jnp.float32(1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim))
-    sq, sqscale = _float16_rows(rows_of(pq.sq[0].astype(jnp.float32)[..., kernel_perm(1)] * coef))
-    q = jnp.concatenate([q, sq], axis=1)
-  q = q_fragments(q)
+  flat_q = lambda x: x.astype(jnp.float32).reshape(n, rows, d)  # free: the rotation's output
   f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
-  par = [f32_bits(rows_of(pq.offset.astype(jnp.float32))), f32_bits(qscale), rng(lo, seq), rng(hi, 0),
-         f32_bits(sqscale)]  # padded rows attend nothing
-  par = jnp.stack(par + [jnp.zeros_like(par[0])] * 3, axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
-  qjl = (flat(ks), norms(kr)) if prod else ()
-  acc, ml = _decode_call(q, par, flat(kc), norms(kn), flat(vc), norms(vn), *qjl, k_bits=k_bits, v_bits=v_bits,
-                         soft_cap=None if soft_cap is None else float(soft_cap), num_splits=num_splits,
-                         stages=stages)
+  par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0)}
+  zeros = jnp.zeros((n, MAX_ROWS), jnp.int32)  # padded rows attend nothing
+  par = jnp.stack([par.get(name, zeros) for name in _PAR], axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
+  qjl = (flat(ks), norms(kr), flat_q(pq.sq[0])) if prod else ()
+  coef = 1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim) if prod else None  # the QJL term: ‖r‖·(S·q)·signs / (κ·m)
+  acc, ml = _decode_call(flat_q(pq.q[0]), par, flat(kc), norms(kn), flat(vc), norms(vn), *qjl, k_bits=k_bits,
+                         v_bits=v_bits, qjl_coef=coef, soft_cap=None if soft_cap is None else float(soft_cap),
+                         num_splits=num_splits, stages=stages)
   m, l = ml[:, 0, :rows], ml[:, 1, :rows]  # [N, R]
   acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits))]  # [N, R, D] natural order
   return (acc.reshape(b, kh, g, t, d),), m.reshape(b, kh, g, t), l.reshape(b, kh, g, t)
@@ -761,7 +834,8 @@ def q_fragments(q):
   """q [N, P·8, D] float16 (kernel order) → [N, P, 4, 32, 4] uint32: for each group of 8 rows,
   the B fragments of `mma.sync` m16n8k16 for k-steps j = 0..7 (columns 16j .. 16j + 15), lane
   t = 4g + c holding words 2j + e = (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1]) (low half
-  first), stored as [4 vectors, 32 lanes, 4 words] so that a warp's 16-byte loads are contiguous."""
+  first), stored as [4 vectors, 32 lanes, 4 words] so that a warp's 16-byte loads are contiguous.
+  The reference of the layout `_prepare_query` writes in the kernel."""
   n, rows, _ = q.shape
   x = q.reshape(n, rows // 8, 8, 8, 2, 4, 2)  # (part, g, j, e, c, pair)
   x = lax.bitcast_convert_type(x.transpose(0, 1, 2, 5, 3, 4, 6), jnp.uint32)  # [n, P, g, c, j, e]
@@ -775,9 +849,11 @@ def _zero_if_empty(m):
 
 def _float16_rows(q):
   """q [..., D] float32 → (q / scale as float16, scale [...] float32): per row a power of two that
-  puts max |q| in [256, 512), so float16 keeps q's relative precision (2^-11) at any magnitude
-  (scale 1 for an all-zero row; NaN/Inf stay NaN/Inf)."""
+  puts max |q| in [256, 512), so float16 keeps q's relative precision (2^-11) at any magnitude;
+  scale 1 for a row whose max |q| is below 2^-118 (zero included; it rounds to zero in float16)
+  and for a row holding NaN or ±inf, which stay NaN / ±inf. The reference of `_prepare_query`."""
   amax = jnp.max(jnp.abs(q), axis=-1)
-  _, e = jnp.frexp(jnp.where(jnp.isfinite(amax) & (amax > 0), amax, 256.0))  # amax = f·2^e, f ∈ [0.5, 1)
+  ok = jnp.isfinite(amax) & (amax >= jnp.float32(2.0 ** (_MIN_EXPONENT - 127)))
+  _, e = jnp.frexp(jnp.where(ok, amax, 256.0))  # amax = f·2^e, f ∈ [0.5, 1)
   scale = jnp.ldexp(jnp.ones_like(amax), e - 9)
   return (q / scale[..., None]).astype(jnp.float16), scale

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 import ml_dtypes
 import numpy as np
 import pytest
@@ -106,30 +107,27 @@ def test_q_fragments_are_the_mma_b_fragments():
               assert got[n, part, word // 4, 4 * g + c, word % 4] == want
 
 
-def _q_rows(qf):
-  """Inverse of `q_fragments`: [N, P, 4, 32, 4] uint32 → [N, P·8, D] float32."""
-  n, parts = qf.shape[:2]
-  x = jnp.swapaxes(qf, 2, 3).reshape(n, parts, 8, 4, 8, 2)  # (part, g, c, j, e)
-  x = lax.bitcast_convert_type(x, jnp.float16)  # [..., pair]
-  return x.transpose(0, 1, 2, 4, 5, 3, 6).reshape(n, parts * 8, M.HEAD_DIM).astype(jnp.float32)
-
-
 @pytest.mark.math
 def test_float16_rows():
   """q rows → float16 at a power-of-two scale: max |q / scale| in [256, 512) for every finite
-  nonzero row (tiny, huge), relative error ≤ 2^-11 of the row max, zero rows → scale 1, NaN kept."""
+  row whose max is at least 2^-118 (tiny, huge), relative error ≤ 2^-11 of the row max; rows
+  below 2^-118 (zero, 2^-119) → scale 1; NaN and inf kept."""
   r = np.random.default_rng(0)
-  q = r.standard_normal((6, 128)) * np.asarray([1e-30, 1e-3, 1.0, 3e4, 1e30, 1.0])[:, None]
+  q = r.standard_normal((7, 128)) * np.asarray([1e-30, 1e-3, 1.0, 3e4, 1e30, 1.0, 1.0])[:, None]
+  q[0, 5] = 2.0**-118 * 1.01  # the smallest scaled max, with everything else below it
+  q[0, np.arange(128) != 5] = np.clip(q[0, np.arange(128) != 5], -2.0**-118, 2.0**-118)
   q[5] = 0.0
+  q[6] = np.clip(q[6], -1, 1) * 2.0**-119
   q16, scale = (np.asarray(x, np.float64) for x in M._float16_rows(jnp.asarray(q, jnp.float32)))
   assert np.all(np.log2(scale) == np.round(np.log2(scale)))
   amax = np.abs(q16).max(axis=1)
-  assert np.all((amax[:5] >= 256) & (amax[:5] < 512)) and scale[5] == 1 and amax[5] == 0
+  assert np.all((amax[:5] >= 256) & (amax[:5] < 512)) and np.all(scale[5:] == 1) and np.all(q16[5:] == 0)
   q32 = np.asarray(jnp.asarray(q, jnp.float32), np.float64)
-  err = np.abs(q16 * scale[:, None] - q32).max(axis=1)
-  assert np.all(err <= 2.0**-11 * np.abs(q32).max(axis=1) + 1e-300)
-  q[2, 7] = np.nan
-  assert np.isnan(np.asarray(M._float16_rows(jnp.asarray(q, jnp.float32))[0][2, 7]))
+  err = np.abs(q16 * scale[:, None] - q32).max(axis=1)[:5]
+  assert np.all(err <= 2.0**-11 * np.abs(q32[:5]).max(axis=1))
+  q[2, 7], q[3, 9] = np.nan, -np.inf
+  q16, scale = (np.asarray(x) for x in M._float16_rows(jnp.asarray(q, jnp.float32)))
+  assert np.isnan(q16[2, 7]) and q16[3, 9] == -np.inf and scale[2] == scale[3] == 1
 
 
 @pytest.mark.math
@@ -229,14 +227,24 @@ def _check_case(case, decode_partial):
   assert np.all(acc[l_r == 0] == 0)
 
 
-def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, soft_cap, num_splits, stages):
+def _prepared_rows(q, bits, coef=1.0):
+  """The reference of `M._prepare_query` for one part: q [N, R, D] float32 (natural order) →
+  (float16 rows in kernel order padded to 8, as float32 [N, 8, D], scales [N, 8])."""
+  q = jnp.pad(q[..., M.kernel_perm(bits)] * jnp.float32(coef), [(0, 0), (0, 8 - q.shape[1]), (0, 0)])
+  q16, scale = M._float16_rows(q)
+  return q16.astype(jnp.float32), scale
+
+
+def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
+                  num_splits, stages):
   """`M._decode_call` in plain jnp (no splits to merge): the same inputs (layouts, kernel coordinate
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
   seq = kc.shape[1]
-  q = _q_rows(q)
+  assert not (par[:, M._PAR.index("qscale")].any() or par[:, M._PAR.index("sqscale")].any())  # the kernel's
+  q, qscale = _prepared_rows(q, k_bits)
   f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
-  offset, qscale, lo, hi, sqscale = f32(par[:, 0]), f32(par[:, 1]), par[:, 2], par[:, 3], f32(par[:, 4])  # [N, 8]
+  offset, lo, hi = f32(par[:, 0]), par[:, 2], par[:, 3]  # [N, 8]
 
   def deq(words, bits, dtype, values):  # [N, S, b·W] → [N, S, D] kernel order
     table = jnp.asarray(np.asarray(values, np.float32).astype(dtype).astype(np.float32))
@@ -244,10 +252,11 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, *, k_bits, v_bits, s
 
   dot = lambda x, y: jnp.einsum("nsd,nrd->nsr", x, y.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   cb = lambda bits: lloyd_max(bits, M.HEAD_DIM)[0]
-  s = dot(deq(kc, k_bits, np.float16, cb(k_bits)), q[:, :8]) * qscale[:, None]
+  s = dot(deq(kc, k_bits, np.float16, cb(k_bits)), q) * qscale[:, None]
   if ks is not None:
     signs = deq(ks, 1, np.float16, [-1.0, 1.0])
-    s = s + dot(signs, q[:, 8:]) * sqscale[:, None] * kr[:, :seq, None].astype(jnp.float32)
+    sq, sqscale = _prepared_rows(sq, 1, qjl_coef)
+    s = s + dot(signs, sq) * sqscale[:, None] * kr[:, :seq, None].astype(jnp.float32)
   s = s * kn[:, :seq, None].astype(jnp.float32) + offset[:, None]
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
@@ -278,6 +287,52 @@ def test_wrapper_with_kernel_model_matches_reference(case, monkeypatch):
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_compiled_matches_reference(case):
   _check_case(case, M.decode_partial)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+def test_gpu_prepare_query_is_float16_rows_and_q_fragments():
+  """The kernel's query preparation (`_prepare_query`: 6 rows of a 3-bit query and of a 1-bit
+  S·q scaled by a coefficient) against its references: the fragments
+  `q_fragments(_float16_rows(...))` value for value (NaN, ±inf, zero and tiny rows included), the
+  scales in their `par` rows, and the other `par` rows untouched."""
+  r = np.random.default_rng(2)
+  mags = np.asarray([1e-30, 1e-3, 1.0, 3e4, 1e30, 1.0])
+  q = r.standard_normal((3, 2, 6, 128)) * np.stack([mags, mags[::-1]])[:, :, None]
+  q[0, 0, 5], q[1, 1, 3] = 0.0, np.clip(q[1, 1, 3], -1, 1) * 2.0**-119
+  q[1, 0, 2, 7], q[2, 0, 3, 9], q[2, 1, 4, 0] = np.nan, -np.inf, np.inf
+  q = jnp.asarray(q, jnp.float32)
+  par = jnp.asarray(r.integers(-2**31, 2**31, (3, 8, 8)), jnp.int32)
+  par = par.at[:, [M._PAR.index("qscale"), M._PAR.index("sqscale")]].set(0)
+  parts = ((3, 1.0), (1, 0.37))
+
+  def kernel(q_gmem, sq_gmem, par_gmem, qf_out, par_out, q_smem, sq_smem, qf_smem, par_smem, bar):
+    n = lax.axis_index("n")
+    for src, dst in ((q_gmem, q_smem), (sq_gmem, sq_smem), (par_gmem, par_smem)):
+      plgpu.copy_gmem_to_smem(src.at[n], dst, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+    M._prepare_query(parts)((q_smem, sq_smem), qf_smem, par_smem)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qf_smem, qf_out.at[n])
+    plgpu.copy_smem_to_gmem(par_smem, par_out.at[n])
+    plgpu.wait_smem_to_gmem(0)
+
+  run = plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((3, 2, 4, 32, 4), jnp.uint32),
+                                       jax.ShapeDtypeStruct(par.shape, jnp.int32)),
+                     grid=(3,), grid_names=("n",),
+                     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+                     scratch_types=[plgpu.SMEM((6, 128), jnp.float32), plgpu.SMEM((6, 128), jnp.float32),
+                                    plgpu.SMEM((2, 4, 32, 4), jnp.uint32), plgpu.SMEM((8, 8), jnp.int32),
+                                    plgpu.Barrier(num_barriers=1, num_arrivals=3)])
+  qf_got, par_got = (np.asarray(x) for x in jax.jit(run)(q[:, 0], q[:, 1], par))
+  prepared = [_prepared_rows(q[:, p], bits, coef) for p, (bits, coef) in enumerate(parts)]
+  want_qf = M.q_fragments(jnp.concatenate([q16 for q16, _ in prepared], axis=1).astype(jnp.float16))
+  as_f16 = lambda x: np.asarray(x).view(np.float16)
+  np.testing.assert_array_equal(as_f16(qf_got), as_f16(want_qf))
+  want_par = np.asarray(par).copy()
+  for (_, scale), name in zip(prepared, ("qscale", "sqscale")):
+    want_par[:, M._PAR.index(name)] = np.asarray(scale).view(np.int32)
+  np.testing.assert_array_equal(par_got, want_par)
 
 
 @pytest.mark.gpu
