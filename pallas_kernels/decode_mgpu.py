@@ -5,11 +5,12 @@ Triton kernel, which handles every config this one does not) for: mse or prod ke
 values of 1-4 codebook bits (prod: a QJL sketch of 128 rows), head_dim 128, no outlier channels,
 at most 8 query rows (G·T) per kv head.
 
-Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 64-token blocks of
-packed key/value codes and norms through a TMA pipeline (all of a block's copies on one
-barrier). Each of its four warps owns 16 tokens of every block and runs its own online softmax
-with warp-level `mma.sync` m16n8k16 (inline PTX): no shared-memory staging and no cross-warp
-barrier inside a block but the one that frees the stage slot for its refill.
+Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 128-token blocks of
+packed key/value codes and norms through a two-stage TMA pipeline (all of a block's copies on
+one barrier). Each of its four warps owns two 16-token tiles of every block (tokens 16w .. 16w +
+15 and 64 + 16w .. 64 + 16w + 15) and runs its own online softmax with warp-level `mma.sync`
+m16n8k16 (inline PTX): no shared-memory staging and no cross-warp barrier inside a block but
+the one that frees the stage slot for its refill.
 
 * Dequantization by byte permutes, in registers, straight into the mma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
@@ -23,7 +24,7 @@ barrier inside a block but the one that frees the stage slot for its refill.
   interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the
   codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
   `prmt` + XOR.
-* Keys (`_key_dot`): per warp logitsᵀ [16 tokens, 8] = K̂ [16, 128] · qᵀ in float16, 8 mma
+* Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, 128] · qᵀ in float16, 8 mma
   k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
   their B fragments built once per CTA from the float32 rows of the rotation's output
   (`_prepare_query`; references `_float16_rows`, `q_fragments`); × q scale × key norms,
@@ -31,9 +32,9 @@ barrier inside a block but the one that frees the stage slot for its refill.
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
   row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
   S·q/(κ·m), × the residual norms.
-* Online softmax per warp: the max over its 16 tokens by three rounds of shuffles
+* Online softmax per warp: the max over its 32 tokens by three rounds of shuffles
   (`_warp_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
-* Values (`_value_dot`): V̂ [16, 128] is dequantized the same way (bfloat16) and each 8×8 tile
+* Values (`_value_dot`): V̂ [16, 128] of a tile is dequantized the same way (bfloat16), each 8×8 tile
   transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
   into the B fragment; accᵀ [128, 8] += V̂ᵀ · p·‖v‖ by 8 mma (one per 16 columns), each warp
   into its own accumulator, rescaled only when the warp's max moved.
@@ -49,7 +50,7 @@ barrier inside a block but the one that frees the stage slot for its refill.
 Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (session 8).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
-slots, D = 128, W = D/32 = 4 packed columns, BK = 64 tokens per block.
+slots, D = 128, W = D/32 = 4 packed columns, BK = 128 tokens per block.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
-BK = 64  # tokens per block: 16 per warp (the mma M of the key dot, its K of the value dot)
+# Two 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block: per
+# call 7-8 % faster than one at S = 32k and 128k on an H200 (twice the independent work between
+# the per-block shuffles and barrier), three 0-3 % slower, four 8 % (158 / 178 registers, 3 CTAs
+# per SM instead of 4 at 126). Two stages of 128 tokens keep 4 CTAs of shared memory per SM.
+TILES = 2
+BK = 64 * TILES  # tokens per block
+STAGES = 2  # pipeline depth: blocks in flight per CTA
 HEAD_DIM = 128  # W = 4 packed columns: one per lane of an mma fragment's column quad
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
@@ -274,15 +281,16 @@ def _ptx():
   return ir, arith, memref, vector, mgpu_utils, fa
 
 
-def _token_pairs(words_ref, bits: int, tables, ops):
-  """The thread's two tokens of a block (rows 16·warp + lane / 4 + 8h, h = 0, 1) expanded:
-  pairs[h][k] (i32: two 16-bit values, low first) of kernel columns 8k + 2c + e."""
+def _token_pairs(words_ref, bits: int, tables, ops, tile: int):
+  """The thread's two tokens of a block's 16-token tile (rows 64·tile + 16·warp + lane / 4 + 8h,
+  h = 0, 1) expanded: pairs[h][k] (i32: two 16-bit values, low first) of kernel columns
+  8k + 2c + e."""
   ir, arith, memref, *_ = _ptx()
   index = ir.IndexType.get()
   col, row0 = _thread_coords(ops)
   out = []
   for h in range(2):
-    row = arith.index_cast(index, arith.addi(row0, ops.const(8 * h)))
+    row = arith.index_cast(index, arith.addi(row0, ops.const(64 * tile + 8 * h)))
     words = [memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * _W)))])
              for r in range(bits)]
     out.append(expand(words, bits, tables, ops))
@@ -339,9 +347,11 @@ def _warp_all(pred):
 
 def _key_dot(bits: int, tables, part: int):
   """inline_mgpu function: (words ref [BK, b·W] uint32, qf ref [P, 4, 32, 4] uint32) → [BK, 8]
-  float32 (WGMMA layout): each warp's 16 tokens of the block, expanded in float16 from `tables`,
-  times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by 8 `mma.sync` (k = 16 columns
-  each). The A fragment of k-step j is the thread's pairs 2j and 2j + 1 of both its tokens."""
+  float32 (WGMMA layout): each of a warp's 16-token tiles of the block, expanded in float16 from
+  `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by 8 `mma.sync` (k = 16
+  columns each). The A fragment of k-step j is the thread's pairs 2j and 2j + 1 of both its
+  tokens of the tile."""
+  tiles = TILES
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -356,14 +366,16 @@ def _key_dot(bits: int, tables, part: int):
     at = lambda i: arith.constant(index, i)
     qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(4)]
     qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(16)]  # word 2j + e
-    pairs = _token_pairs(words_ref, bits, tables, ops)
     zero = arith.constant(ir.F32Type.get(), 0.0)
-    d = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
-    for j in range(8):
-      d[j % KEY_CHAINS] = _mma("f16", [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]],
-                               [qw[2 * j], qw[2 * j + 1]], d[j % KEY_CHAINS])
-    tot = [functools.reduce(arith.addf, [x[e] for x in d]) for e in range(4)]
-    return _fragment(lambda t, h: tot[2 * h:2 * h + 2], (BK, MAX_ROWS))
+    tot = []
+    for tile in range(tiles):
+      pairs = _token_pairs(words_ref, bits, tables, ops, tile)
+      d = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
+      for j in range(8):
+        a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
+        d[j % KEY_CHAINS] = _mma("f16", a, [qw[2 * j], qw[2 * j + 1]], d[j % KEY_CHAINS])
+      tot.append([functools.reduce(arith.addf, [x[e] for x in d]) for e in range(4)])
+    return _fragment(lambda t, h: tot[t][2 * h:2 * h + 2], (BK, MAX_ROWS))
 
   return dot
 
@@ -371,11 +383,12 @@ def _key_dot(bits: int, tables, part: int):
 def _value_dot(bits: int, tables):
   """inline_mgpu function: (words ref [BK, b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
   acc [4·D, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
-  warp w's accumulator of kernel column 16i + r: each warp sums its own 16 tokens. V̂ (bfloat16
-  from `tables`) and pv are transposed in registers (`_transpose8`) into the A fragments of
-  V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv [16 tokens, 8 rows]: 8 `mma.sync`, one per
-  16 columns. corr: the warp's rescaling of its accumulator (equal in a warp's rows; skipped
-  when it is 1 in every lane)."""
+  warp w's accumulator of kernel column 16i + r: each warp sums its own tokens. For each of the
+  warp's 16-token tiles, V̂ (bfloat16 from `tables`) and pv are transposed in registers
+  (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv
+  [16 tokens, 8 rows]: 8 `mma.sync`, one per 16 columns. corr: the warp's rescaling of its
+  accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
+  tiles = TILES
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
@@ -388,9 +401,6 @@ def _value_dot(bits: int, tables):
 
     ops = _MlirOps()
     i32 = ir.IntegerType.get_signless(32)
-    pairs = _token_pairs(words_ref, bits, tables, ops)
-    vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]  # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4)
-    b = [_transpose8(mgpu_utils.bitcast(pv.registers[0, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
     cr = _elems(corr, 0, 0)
     old = [x for i in range(8) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
     # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
@@ -402,33 +412,41 @@ def _value_dot(bits: int, tables):
       scf.yield_(old)
     with ir.InsertionPoint(branch.else_block):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
-    c = list(branch.results)
-    out = [_mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, c[4 * i:4 * i + 4])
-           for i in range(8)]
+    out = [list(branch.results)[4 * i:4 * i + 4] for i in range(8)]
+    for tile in range(tiles):
+      pairs = _token_pairs(words_ref, bits, tables, ops, tile)
+      vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]  # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4)
+      b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
+      out = [_mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, out[i]) for i in range(8)]
     return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * HEAD_DIM, MAX_ROWS))
 
   return dot
 
 
-@plgpu.inline_mgpu(
-    arg_types=(plgpu.Layout.WGMMA,),
-    return_type=plgpu.ShapeDtypeStruct((BK, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
-)
-def _warp_max(ctx, s):
-  """s [BK, 8] float32 (WGMMA layout) → per warp the column max of its 16 rows, in each of them
-  (three rounds of butterfly shuffles over the lanes of a column pair, one shuffle per column
-  and round; NaN propagates)."""
-  del ctx
-  ir, arith, *_, mgpu_utils, _ = _ptx()
-  ops = _MlirOps()
-  i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
-  x = [arith.maximumf(a, b) for a, b in zip(_elems(s, 0, 0), _elems(s, 0, 1))]
-  for lanes in (4, 8, 16):
-    for e in range(2):
-      y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, x[e]),
-                                ops.const(lanes), result_types=i32, convergent=True)
-      x[e] = arith.maximumf(x[e], arith.bitcast(f32, y))
-  return _fragment(lambda t, h: x, (BK, MAX_ROWS))
+def _warp_max(s):
+  """s [BK, 8] float32 (WGMMA layout) → per warp the column max of its rows, in each of them (the
+  thread's maximum over its tiles, then three rounds of butterfly shuffles over the lanes of a
+  column pair, one shuffle per column and round; NaN propagates)."""
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct(s.shape, jnp.float32, layout=plgpu.Layout.WGMMA),
+  )
+  def warp_max(ctx, s):
+    del ctx
+    ir, arith, *_, mgpu_utils, _ = _ptx()
+    ops = _MlirOps()
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    regs = [_elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
+    x = [functools.reduce(arith.maximumf, [r[e] for r in regs]) for e in range(2)]
+    for lanes in (4, 8, 16):
+      for e in range(2):
+        y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, x[e]),
+                                  ops.const(lanes), result_types=i32, convergent=True)
+        x[e] = arith.maximumf(x[e], arith.bitcast(f32, y))
+    return _fragment(lambda t, h: x, s.shape)
+
+  return warp_max(s)
 
 
 @plgpu.inline_mgpu(
@@ -612,7 +630,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       return s + sign_dot(stage_smem[4].at[slot], qf_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def step(i, carry):
-      """One block: each warp runs its own online softmax over its 16 tokens (m [BK, R] is the
+      """One block: each warp runs its own online softmax over its tokens (m [BK, R] is the
       warp's running max in each of its rows, lpart per thread)."""
       acc, m, lpart = carry
       slot = lax.rem(i, stages)
@@ -759,9 +777,9 @@ def supported(cache) -> tuple[bool, str]:
 
 def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
   """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs several deep in even
-  splits, each ≥ 4 blocks (16 at B·K = 64; 8 and 32 splits were within ±2 % of it at S = 32k on
-  an H200, measured with session 7's wgmma kernel and the split merge in XLA, 2026-11-28; not
-  re-measured since the merge moved into the kernel)."""
+  splits, each ≥ 4 blocks (16 at B·K = 64: 32 and 64 splits were 2 % and 10 % slower at S = 32k
+  on an H200, 2026-11-29, with the merge in the kernel and 64-token blocks; at B·K = 8 and S = 128k, 32 or 64 splits
+  instead of 128 moved by −5 to +13 % depending on the config, within the noise of such calls)."""
   nblocks = pl.cdiv(seq, BK)
   want = 1 << (max(1, ctas // heads).bit_length() - 1)
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
@@ -776,7 +794,7 @@ def decode_partial(
     soft_cap: float | None = None,
     *,
     num_splits: int | None = None,
-    stages: int = 3,
+    stages: int | None = None,
 ):
   """The kernel under the contract of `tqjax.cache.compressed_partial_reference`.
 
@@ -790,6 +808,7 @@ def decode_partial(
   rows = g * t
   if rows > MAX_ROWS:
     raise ValueError(f"G·T = {g}·{t} = {rows} query rows per kv head exceed {MAX_ROWS=}")
+  stages = STAGES if stages is None else stages
   if stages < 1:
     raise ValueError(f"{stages=} must be ≥ 1")
   kq = cache.k.quantizer
