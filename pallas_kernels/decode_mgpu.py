@@ -47,7 +47,7 @@ the one that frees the stage slot for its refill.
 * Pallas' automatic barriers around shared-memory stores and TMA issues are off
   (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (session 8).
+Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-9).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 128, W = D/32 = 4 packed columns, BK = 128 tokens per block.
@@ -69,9 +69,11 @@ from tqjax import packing
 from tqjax.codebook import lloyd_max
 
 # Two 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block: per
-# call 7-8 % faster than one at S = 32k and 128k on an H200 (twice the independent work between
-# the per-block shuffles and barrier), three 0-3 % slower, four 8 % (158 / 178 registers, 3 CTAs
-# per SM instead of 4 at 126). Two stages of 128 tokens keep 4 CTAs of shared memory per SM.
+# call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k and 128k on an H200
+# (twice the independent work between a block's shuffles and barrier; 126 registers, 138 for
+# prod keys). Three tiles: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
+# (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM in
+# shared memory.
 TILES = 2
 BK = 64 * TILES  # tokens per block
 STAGES = 2  # pipeline depth: blocks in flight per CTA
@@ -351,7 +353,6 @@ def _key_dot(bits: int, tables, part: int):
   `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by 8 `mma.sync` (k = 16
   columns each). The A fragment of k-step j is the thread's pairs 2j and 2j + 1 of both its
   tokens of the tile."""
-  tiles = TILES
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -368,7 +369,7 @@ def _key_dot(bits: int, tables, part: int):
     qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(16)]  # word 2j + e
     zero = arith.constant(ir.F32Type.get(), 0.0)
     tot = []
-    for tile in range(tiles):
+    for tile in range(TILES):
       pairs = _token_pairs(words_ref, bits, tables, ops, tile)
       d = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
       for j in range(8):
@@ -388,7 +389,6 @@ def _value_dot(bits: int, tables):
   (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv
   [16 tokens, 8 rows]: 8 `mma.sync`, one per 16 columns. corr: the warp's rescaling of its
   accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
-  tiles = TILES
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
@@ -413,11 +413,13 @@ def _value_dot(bits: int, tables):
     with ir.InsertionPoint(branch.else_block):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
     out = [list(branch.results)[4 * i:4 * i + 4] for i in range(8)]
-    for tile in range(tiles):
+    for tile in range(TILES):
       pairs = _token_pairs(words_ref, bits, tables, ops, tile)
-      vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]  # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4)
+      # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4) of the tile
+      vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
       b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
-      out = [_mma("bf16", [vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]], b, out[i]) for i in range(8)]
+      a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(8)]
+      out = [_mma("bf16", a[i], b, out[i]) for i in range(8)]
     return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * HEAD_DIM, MAX_ROWS))
 
   return dot
@@ -510,7 +512,8 @@ def _prepare_query(parts):
     for p, ((bits, coef), q_ref) in enumerate(zip(parts, q_refs)):
       branch = scf.IfOp(mine[p])
       with ir.InsertionPoint(branch.then_block):
-        ops = _MlirOps()  # constants made in this region stay in it
+        ops = _MlirOps()  # constants made in this region stay in it (the scale's store index is
+        # made in the nested block below and used only there)
         rows = ir.MemRefType(q_ref.type).shape[0]
         real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
         row = ix(arith.minui(g, ops.const(rows - 1)))
@@ -777,9 +780,12 @@ def supported(cache) -> tuple[bool, str]:
 
 def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
   """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs several deep in even
-  splits, each ≥ 4 blocks (16 at B·K = 64: 32 and 64 splits were 2 % and 10 % slower at S = 32k
-  on an H200, 2026-11-29, with the merge in the kernel and 64-token blocks; at B·K = 8 and S = 128k, 32 or 64 splits
-  instead of 128 moved by −5 to +13 % depending on the config, within the noise of such calls)."""
+  splits, each ≥ 4 blocks (16 at B·K = 64: 32 and 64 splits were 2 % and 10 % slower at
+  S = 32k on an H200, 2026-11-29, with the merge in the kernel and 64-token blocks; at B·K = 8
+  and S = 128k, 32 or 64 splits instead of 128 moved by −5 to +13 % depending on the config,
+  within the noise of such calls).
+  With 128-token blocks "≥ 4 blocks" halves the splits of short caches (8 at S = 4k, B·K = 64;
+  not re-measured there)."""
   nblocks = pl.cdiv(seq, BK)
   want = 1 << (max(1, ctas // heads).bit_length() - 1)
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))

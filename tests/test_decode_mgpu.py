@@ -175,7 +175,7 @@ def test_lowers_for_h100(case):
   pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, 128), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
-    for stages in (1, 3):
+    for stages in (None, 1, 3):  # the default (M.STAGES), one, more
       jax.jit(functools.partial(M.decode_partial, soft_cap=cap, stages=stages)).trace(cache, pq, ranges, ranges).lower(
           lowering_platforms=("cuda",))
 
@@ -230,7 +230,7 @@ def _check_case(case, decode_partial):
 def _prepared_rows(q, bits, coef=1.0):
   """The reference of `M._prepare_query` for one part: q [N, R, D] float32 (natural order) →
   (float16 rows in kernel order padded to 8, as float32 [N, 8, D], scales [N, 8])."""
-  q = jnp.pad(q[..., M.kernel_perm(bits)] * jnp.float32(coef), [(0, 0), (0, 8 - q.shape[1]), (0, 0)])
+  q = jnp.pad(q[..., M.kernel_perm(bits)] * jnp.float32(coef), [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
   q16, scale = M._float16_rows(q)
   return q16.astype(jnp.float32), scale
 
@@ -241,10 +241,10 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
   seq = kc.shape[1]
-  assert not (par[:, M._PAR.index("qscale")].any() or par[:, M._PAR.index("sqscale")].any())  # the kernel's
+  row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
+  assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
   q, qscale = _prepared_rows(q, k_bits)
-  f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
-  offset, lo, hi = f32(par[:, 0]), par[:, 2], par[:, 3]  # [N, 8]
+  offset, lo, hi = lax.bitcast_convert_type(row("offset"), jnp.float32), row("lo"), row("hi")
 
   def deq(words, bits, dtype, values):  # [N, S, b·W] → [N, S, D] kernel order
     table = jnp.asarray(np.asarray(values, np.float32).astype(dtype).astype(np.float32))
@@ -275,8 +275,8 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
 @pytest.mark.math
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_wrapper_with_kernel_model_matches_reference(case, monkeypatch):
-  """`decode_partial`'s XLA side (query permutation and float16 scaling, S·q, `par`, padding of
-  tiny caches and norms, merge, un-permutation) on CPU, with the kernel body replaced by
+  """`decode_partial`'s XLA side (query rows, S·q, `par`, padding of tiny caches and norms,
+  un-permutation) on CPU, with the kernel body (query preparation included) replaced by
   `_kernel_model`: the GPU cases, against the float32 reference."""
   monkeypatch.setattr(M, "_decode_call", _kernel_model)
   _check_case(case, M.decode_partial.__wrapped__)  # not jitted: no trace cached with the real kernel
@@ -337,10 +337,10 @@ def test_gpu_prepare_query_is_float16_rows_and_q_fragments():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("stages", [1, 2, 6])
+@pytest.mark.parametrize("stages", [1, 3, 6])
 def test_gpu_pipeline_depths(stages):
-  """One stage (each slot refilled right after its block) and more stages than a split has
-  blocks: the same results (a prod and an mse case)."""
+  """One stage (each slot refilled right after its block), one more than the default and more
+  stages than a split has blocks: the same results (a prod and an mse case)."""
   for case in (GPU_CASES[0], GPU_CASES[6]):
     _check_case(case, functools.partial(M.decode_partial, stages=stages))
 
