@@ -569,10 +569,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
                  num_splits, stages):
   """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 per row
   (`_PAR`): offset (float32 bits), lo, hi, the rest zero (the kernel writes the scales:
-  `_prepare_query`); kc [N, S, bk·W]
-  u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W]
-  u32, residual norms kr [N, S'] and projections sq [N, R, D] float32 (S·q, × qjl_coef in the
-  kernel) (N = B·K, S ≥ BK, S' ≥ S: padded norms) → acc [N, D, 8] f32
+  `_prepare_query`); kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for
+  prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S'] and projections
+  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK, S' ≥ S: padded norms)
+  → acc [N, D, 8] f32
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
