@@ -74,17 +74,21 @@ from tqjax.codebook import lloyd_max
 # prod keys). Three tiles: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
 # (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM in
 # shared memory.
-TILES = 2
-BK = 64 * TILES  # tokens per block
+TILES = {128: 2, 256: 1}  # per head_dim: at D = 256 a thread holds twice the accumulator
 STAGES = 2  # pipeline depth: blocks in flight per CTA
-HEAD_DIM = 128  # W = 4 packed columns: one per lane of an mma fragment's column quad
+HEAD_DIMS = (128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
 _PAR = ("offset", "qscale", "lo", "hi", "sqscale", None, None, None)  # the rows of par (8 · 4 bytes each)
 _MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
 BITS = (1, 2, 3, 4)
-_W = HEAD_DIM // packing.WORD_BITS
+_QUAD = 4  # lanes of an mma fragment's column quad: the packed columns of a 128-coordinate half
+
+
+def block_tokens(d: int) -> int:
+  """BK: tokens per block (and stage) at head_dim d: 64 per tile."""
+  return 64 * TILES[d]
 
 
 # ----------------------------------------------------------------------------- dequantization
@@ -196,18 +200,21 @@ def kernel_slots(bits: int) -> np.ndarray:
   return np.asarray(out)
 
 
-def kernel_perm(bits: int) -> np.ndarray:
-  """perm [D]: kernel coordinate j = 8k + 2c + e is natural coordinate perm[j] = slot·W + c."""
+def kernel_perm(bits: int, d: int) -> np.ndarray:
+  """perm [d]: kernel coordinate j = 128u + 8k + 2c + e (half u, thread column c) is natural
+  coordinate perm[j] = slot·W + 4u + c, slot = `kernel_slots(bits)`[2k + e], W = d / 32."""
   slots = kernel_slots(bits)
-  perm = np.empty(HEAD_DIM, np.int64)
-  for k in range(16):
-    for c in range(_W):
-      for e in range(2):
-        perm[8 * k + 2 * c + e] = slots[2 * k + e] * _W + c
+  w = d // packing.WORD_BITS
+  perm = np.empty(d, np.int64)
+  for u in range(d // 128):
+    for k in range(16):
+      for c in range(_QUAD):
+        for e in range(2):
+          perm[128 * u + 8 * k + 2 * c + e] = slots[2 * k + e] * w + _QUAD * u + c
   return perm
 
 
-def byte_tables(bits: int, dtype, dim: int = HEAD_DIM) -> tuple[int, int, int, int]:
+def byte_tables(bits: int, dtype, dim: int) -> tuple[int, int, int, int]:
   """The lookup table of the `bits`-bit codebook in `dtype` (bfloat16 or float16): the codebook
   (b ≤ 3, zero-padded to 8 entries) or its 8 non-negative magnitudes (b = 4; the sign is the top
   bit of the high byte in both dtypes). See `table_words`."""
@@ -283,17 +290,21 @@ def _ptx():
   return ir, arith, memref, vector, mgpu_utils, fa
 
 
-def _token_pairs(words_ref, bits: int, tables, ops, tile: int):
+def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int):
   """The thread's two tokens of a block's 16-token tile (rows 64·tile + 16·warp + lane / 4 + 8h,
-  h = 0, 1) expanded: pairs[h][k] (i32: two 16-bit values, low first) of kernel columns
-  8k + 2c + e."""
+  h = 0, 1) expanded in one 128-coordinate half (packed column c + 4·half of the words ref
+  [BK, b·W]): pairs[h][k] (i32: two 16-bit values, low first) of kernel columns
+  128·half + 8k + 2c + e."""
   ir, arith, memref, *_ = _ptx()
   index = ir.IndexType.get()
+  w = ir.MemRefType(words_ref.type).shape[1] // bits
   col, row0 = _thread_coords(ops)
+  if half:
+    col = arith.addi(col, ops.const(_QUAD * half))
   out = []
   for h in range(2):
     row = arith.index_cast(index, arith.addi(row0, ops.const(64 * tile + 8 * h)))
-    words = [memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * _W)))])
+    words = [memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * w)))])
              for r in range(bits)]
     out.append(expand(words, bits, tables, ops))
   return out
@@ -347,16 +358,17 @@ def _warp_all(pred):
   return arith.cmpi(arith.CmpIPredicate.ne, all_, arith.constant(i32, 0))
 
 
-def _key_dot(bits: int, tables, part: int):
-  """inline_mgpu function: (words ref [BK, b·W] uint32, qf ref [P, 4, 32, 4] uint32) → [BK, 8]
+def _key_dot(bits: int, tables, part: int, d: int):
+  """inline_mgpu function: (words ref [BK, b·W] uint32, qf ref [P, d/32, 32, 4] uint32) → [BK, 8]
   float32 (WGMMA layout): each of a warp's 16-token tiles of the block, expanded in float16 from
-  `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by 8 `mma.sync` (k = 16
-  columns each). The A fragment of k-step j is the thread's pairs 2j and 2j + 1 of both its
-  tokens of the tile."""
+  `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by d/16 `mma.sync` (k = 16
+  columns each). The A fragment of k-step 8u + j is the thread's pairs 2j and 2j + 1 of both its
+  tokens of the tile in half u."""
+  bk = block_tokens(d)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType()),
-      return_type=plgpu.ShapeDtypeStruct((BK, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+      return_type=plgpu.ShapeDtypeStruct((bk, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
   )
   def dot(ctx, words_ref, qf_ref):
     del ctx
@@ -365,34 +377,37 @@ def _key_dot(bits: int, tables, part: int):
     index, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
     lane = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), ops.const(32)))
     at = lambda i: arith.constant(index, i)
-    qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(4)]
-    qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(16)]  # word 2j + e
+    qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(d // 32)]
+    qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(d // 8)]  # word 2·(k-step) + e
     zero = arith.constant(ir.F32Type.get(), 0.0)
     tot = []
-    for tile in range(TILES):
-      pairs = _token_pairs(words_ref, bits, tables, ops, tile)
-      d = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
-      for j in range(8):
-        a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
-        d[j % KEY_CHAINS] = _mma("f16", a, [qw[2 * j], qw[2 * j + 1]], d[j % KEY_CHAINS])
-      tot.append([functools.reduce(arith.addf, [x[e] for x in d]) for e in range(4)])
-    return _fragment(lambda t, h: tot[t][2 * h:2 * h + 2], (BK, MAX_ROWS))
+    for tile in range(TILES[d]):
+      d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
+      for u in range(d // 128):
+        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u)
+        for j in range(8):
+          a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
+          step = 8 * u + j
+          chain = step % KEY_CHAINS
+          d_acc[chain] = _mma("f16", a, [qw[2 * step], qw[2 * step + 1]], d_acc[chain])
+      tot.append([functools.reduce(arith.addf, [x[e] for x in d_acc]) for e in range(4)])
+    return _fragment(lambda t, h: tot[t][2 * h:2 * h + 2], (bk, MAX_ROWS))
 
   return dot
 
 
-def _value_dot(bits: int, tables):
+def _value_dot(bits: int, tables, d: int):
   """inline_mgpu function: (words ref [BK, b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
-  acc [4·D, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
+  acc [4·d, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
   warp w's accumulator of kernel column 16i + r: each warp sums its own tokens. For each of the
-  warp's 16-token tiles, V̂ (bfloat16 from `tables`) and pv are transposed in registers
-  (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv
-  [16 tokens, 8 rows]: 8 `mma.sync`, one per 16 columns. corr: the warp's rescaling of its
-  accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
+  warp's 16-token tiles, V̂ (bfloat16 from `tables`, one 128-coordinate half at a time) and pv are
+  transposed in registers (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and
+  the B fragment of pv [16 tokens, 8 rows]: d/16 `mma.sync`, one per 16 columns. corr: the warp's
+  rescaling of its accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
-      return_type=plgpu.ShapeDtypeStruct((4 * HEAD_DIM, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+      return_type=plgpu.ShapeDtypeStruct((4 * d, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
   )
   def dot(ctx, words_ref, pv, corr, acc):
     del ctx
@@ -402,9 +417,9 @@ def _value_dot(bits: int, tables):
     ops = _MlirOps()
     i32 = ir.IntegerType.get_signless(32)
     cr = _elems(corr, 0, 0)
-    old = [x for i in range(8) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
+    old = [x for i in range(d // 16) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
     # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
-    # the first blocks. 32 multiplies per thread skipped; the branch is warp-uniform.
+    # the first blocks. d/4 multiplies per thread skipped; the branch is warp-uniform.
     one = arith.constant(ir.F32Type.get(), 1.0)
     unchanged = [arith.cmpf(arith.CmpFPredicate.OEQ, x, one) for x in cr]
     branch = scf.IfOp(_warp_all(arith.andi(*unchanged)), [x.type for x in old], has_else=True)
@@ -412,15 +427,17 @@ def _value_dot(bits: int, tables):
       scf.yield_(old)
     with ir.InsertionPoint(branch.else_block):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
-    out = [list(branch.results)[4 * i:4 * i + 4] for i in range(8)]
-    for tile in range(TILES):
-      pairs = _token_pairs(words_ref, bits, tables, ops, tile)
-      # vt[h][k]: column 8k + t / 4, tokens 8h + 2(t % 4) of the tile
-      vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
-      b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
-      a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(8)]
-      out = [_mma("bf16", a[i], b, out[i]) for i in range(8)]
-    return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * HEAD_DIM, MAX_ROWS))
+    out = [list(branch.results)[4 * i:4 * i + 4] for i in range(d // 16)]
+    for tile in range(TILES[d]):
+      for u in range(d // 128):
+        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u)
+        # vt[h][k]: column 128u + 8k + t / 4, tokens 8h + 2(t % 4) of the tile
+        vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
+        if u == 0:
+          b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
+        a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(8)]
+        out[8 * u:8 * u + 8] = [_mma("bf16", a[i], b, out[8 * u + i]) for i in range(8)]
+    return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * d, MAX_ROWS))
 
   return dot
 
@@ -451,49 +468,54 @@ def _warp_max(s):
   return warp_max(s)
 
 
-@plgpu.inline_mgpu(
-    arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
-    return_type=plgpu.ShapeDtypeStruct((HEAD_DIM, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
-)
-def _warp_sum(ctx, acc, w, scratch):
-  """Σ over warps of acc·w: acc [4·D, 8] (`_value_dot`), w [BK, 8] per-warp weights (equal in a
-  warp's rows), scratch [4, D, 8] float32 SMEM → [D, 8] (WGMMA layout), through shared memory."""
-  del ctx
-  ir, arith, _, vector, mgpu_utils, _ = _ptx()
-  ops = _MlirOps()
-  index, f32 = ir.IndexType.get(), ir.F32Type.get()
-  c, row0 = _thread_coords(ops)
-  warp = arith.divui(row0, ops.const(16))
-  g = arith.remui(row0, ops.const(16))
-  ix = lambda v: arith.index_cast(index, v)
-  col = ix(arith.muli(c, ops.const(2)))
-  wr = _elems(w, 0, 0)
-  for i in range(8):
-    for h in range(2):
-      vals = [arith.mulf(x, wr[e]) for e, x in enumerate(_elems(acc, i, h))]
-      vec = vector.from_elements(ir.VectorType.get((2,), f32), vals)
-      vector.store(vec, scratch, [ix(warp), ix(arith.addi(g, ops.const(16 * i + 8 * h))), col])
-  mgpu_utils.warpgroup_barrier()
-  out = {}
-  for t in range(2):
-    for h in range(2):
-      r = ix(arith.addi(row0, ops.const(64 * t + 8 * h)))
-      vals = [vector.load(ir.VectorType.get((2,), f32), scratch, [arith.constant(index, v), r, col]) for v in range(4)]
-      tot = functools.reduce(arith.addf, vals)
-      out[t, h] = [vector.extract(tot, [], [e]) for e in range(2)]
-  mgpu_utils.warpgroup_barrier()  # every thread is done with the scratch before it is reused
-  return _fragment(lambda t, h: out[t, h], (HEAD_DIM, MAX_ROWS))
+def _warp_sum(d: int):
+  """inline_mgpu function: (acc [4·d, 8] (`_value_dot`), w [BK, 8] per-warp weights (equal in a
+  warp's rows), scratch [4, d, 8] float32 SMEM) → Σ over warps of acc·w [d, 8] (WGMMA layout),
+  through shared memory."""
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((d, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
+  )
+  def warp_sum(ctx, acc, w, scratch):
+    del ctx
+    ir, arith, _, vector, mgpu_utils, _ = _ptx()
+    ops = _MlirOps()
+    index, f32 = ir.IndexType.get(), ir.F32Type.get()
+    c, row0 = _thread_coords(ops)
+    warp = arith.divui(row0, ops.const(16))
+    g = arith.remui(row0, ops.const(16))
+    ix = lambda v: arith.index_cast(index, v)
+    col = ix(arith.muli(c, ops.const(2)))
+    wr = _elems(w, 0, 0)
+    for i in range(d // 16):
+      for h in range(2):
+        vals = [arith.mulf(x, wr[e]) for e, x in enumerate(_elems(acc, i, h))]
+        vec = vector.from_elements(ir.VectorType.get((2,), f32), vals)
+        vector.store(vec, scratch, [ix(warp), ix(arith.addi(g, ops.const(16 * i + 8 * h))), col])
+    mgpu_utils.warpgroup_barrier()
+    out = {}
+    for t in range(d // 64):
+      for h in range(2):
+        r = ix(arith.addi(row0, ops.const(64 * t + 8 * h)))
+        vals = [vector.load(ir.VectorType.get((2,), f32), scratch, [arith.constant(index, v), r, col]) for v in range(4)]
+        tot = functools.reduce(arith.addf, vals)
+        out[t, h] = [vector.extract(tot, [], [e]) for e in range(2)]
+    mgpu_utils.warpgroup_barrier()  # every thread is done with the scratch before it is reused
+    return _fragment(lambda t, h: out[t, h], (d, MAX_ROWS))
+
+  return warp_sum
 
 
 def _prepare_query(parts):
-  """inline_mgpu function: (q refs [R, D] float32 (one per part), qf ref [P, 4, 32, 4] uint32,
+  """inline_mgpu function: (q refs [R, D] float32 (one per part), qf ref [P, D/32, 32, 4] uint32,
   par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query;
   for prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order,
   rows ≥ R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its
   reference) in kernel order (`kernel_perm(bits)`) and stores them as the B fragments that
   `q_fragments` lays out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or
-  "sqscale" (part 1). Lane 4g + c gathers coordinates 4·slot + c of row g (`kernel_slots`),
-  exactly its own fragment words; the row max is a maximum over the 4 lanes of a row. Ends with
+  "sqscale" (part 1). Lane 4g + c gathers coordinates W·slot + 4u + c of row g (`kernel_slots`,
+  halves u, W = D/32), exactly its own fragment words; the row max is a maximum over the 4 lanes of a row. Ends with
   a warpgroup barrier."""
 
   @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
@@ -507,22 +529,24 @@ def _prepare_query(parts):
     ix = lambda v: arith.index_cast(index, v)
     tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
     warp, lane = arith.divui(tid, ops.const(32)), arith.remui(tid, ops.const(32))
-    g, c = arith.divui(lane, ops.const(4)), arith.remui(lane, ops.const(_W))
+    g, c = arith.divui(lane, ops.const(4)), arith.remui(lane, ops.const(_QUAD))
     mine = [arith.cmpi(arith.CmpIPredicate.eq, warp, ops.const(p)) for p in range(len(parts))]
     for p, ((bits, coef), q_ref) in enumerate(zip(parts, q_refs)):
       branch = scf.IfOp(mine[p])
       with ir.InsertionPoint(branch.then_block):
         ops = _MlirOps()  # constants made in this region stay in it (the scale's store index is
         # made in the nested block below and used only there)
-        rows = ir.MemRefType(q_ref.type).shape[0]
+        rows, d = ir.MemRefType(q_ref.type).shape
+        w = d // packing.WORD_BITS
         real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
         row = ix(arith.minui(g, ops.const(rows - 1)))
         x = []
-        for slot in kernel_slots(bits):
-          v = memref.load(q_ref, [row, ix(arith.addi(c, ops.const(_W * int(slot))))])
-          if coef != 1.0:
-            v = arith.mulf(v, arith.constant(f32, coef))
-          x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
+        for u in range(d // 128):
+          for slot in kernel_slots(bits):
+            v = memref.load(q_ref, [row, ix(arith.addi(c, ops.const(w * int(slot) + _QUAD * u)))])
+            if coef != 1.0:
+              v = arith.mulf(v, arith.constant(f32, coef))
+            x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
         # max |x| on the bit patterns: with the sign bit cleared integer order is float order,
         # and NaN sorts above +inf, so a row holding NaN or ±inf gets exponent field 255.
         amax = functools.reduce(arith.maxui, [ops.band(e, ops.const(0x7FFFFFFF)) for e in x])
@@ -538,8 +562,8 @@ def _prepare_query(parts):
         inv = arith.bitcast(f32, arith.select(ok, ops.shl(arith.subi(ops.const(262), expo), 23), one))
         y = [arith.mulf(arith.bitcast(f32, e), inv) for e in x]  # exact: a power of two, no overflow
         words = [mgpu_utils.inline_ptx("cvt.rn.f16x2.f32 $0, $1, $2;", y[2 * k + 1], y[2 * k], result_types=i32)
-                 for k in range(16)]  # word k = 2j + e: kernel columns 16j + 8e + 2c + (0, 1)
-        for v in range(4):
+                 for k in range(d // 8)]  # word k = 2j + e: kernel columns 16j + 8e + 2c + (0, 1)
+        for v in range(d // 32):
           vec = vector.from_elements(ir.VectorType.get((4,), i32), words[4 * v:4 * v + 4])
           vector.store(vec, qf_ref, [ix(ops.const(p)), ix(ops.const(v)), ix(lane), ix(ops.const(0))])
         first = scf.IfOp(arith.cmpi(arith.CmpIPredicate.eq, c, ops.const(0)))
@@ -559,7 +583,7 @@ def _thread_coords(ops):
   tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
   lane = arith.remui(tid, ops.const(32))
   row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
-  return arith.remui(lane, ops.const(_W)), row0
+  return arith.remui(lane, ops.const(_QUAD)), row0
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -576,13 +600,15 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
-  nblocks = pl.cdiv(seq, BK)
+  d = q.shape[2]
+  bk = block_tokens(d)
+  nblocks = pl.cdiv(seq, bk)
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
   prod = ks is not None
-  key_dot = _key_dot(k_bits, byte_tables(k_bits, np.float16), 0)
-  sign_dot = _key_dot(1, SIGN_TABLE, 1)
-  value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16))
+  key_dot = _key_dot(k_bits, byte_tables(k_bits, np.float16, d), 0, d)
+  sign_dot = _key_dot(1, SIGN_TABLE, 1, d)
+  value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
@@ -607,7 +633,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       plgpu.copy_gmem_to_smem(src.at[bh], dst, q_bar.at[0])
 
     def fetch(i, slot):
-      rows = pl.ds((first + i) * BK, BK)  # past the end TMA reads zeros (masked below)
+      rows = pl.ds((first + i) * bk, bk)  # past the end TMA reads zeros (masked below)
       for src, dst in zip(stage_gmem, stage_smem):
         plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[slot])
 
@@ -619,7 +645,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
     f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
     offset, qscale, lo, hi, sqscale = (f32(par["offset"]), f32(par["qscale"]), par["lo"], par["hi"],
                                        f32(par["sqscale"]))
-    shape = (BK, R)
+    shape = (bk, R)
     col = lambda x: lax.broadcast_in_dim(x, shape, [1])
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
     iota = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=L.WGMMA)
@@ -637,7 +663,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       warp's running max in each of its rows, lpart per thread)."""
       acc, m, lpart = carry
       slot = lax.rem(i, stages)
-      start = (first + i) * BK
+      start = (first + i) * bk
       plgpu.barrier_wait(bars.at[slot])
       s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
       if soft_cap is not None:
@@ -656,7 +682,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
       return acc, m_new, lpart
 
-    acc0 = plgpu.layout_cast(jnp.zeros((4 * HEAD_DIM, R), jnp.float32), L.WGMMA)
+    acc0 = plgpu.layout_cast(jnp.zeros((4 * d, R), jnp.float32), L.WGMMA)
     m0 = plgpu.layout_cast(jnp.full(shape, -jnp.inf, jnp.float32), L.WGMMA)
     l0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), L.WGMMA)
     acc, m_warp, lpart = lax.fori_loop(0, steps, step, (acc0, m0, l0))
@@ -664,7 +690,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
     m = jnp.max(m_warp, axis=0)
     w = jnp.exp(m_warp - col(_zero_if_empty(m)))  # a warp with m_warp = −inf: 0
     l = jnp.sum(lpart * w, axis=0)
-    acc = pl.run_scoped(functools.partial(_warp_sum, acc, w), plgpu.SMEM((4, HEAD_DIM, R), jnp.float32))
+    acc = pl.run_scoped(functools.partial(_warp_sum(d), acc, w), plgpu.SMEM((4, d, R), jnp.float32))
 
     def store(acc, m, l):
       """acc [D, R], m, l [R] (this head's result) → acc_gmem, ml_gmem, through shared memory."""
@@ -677,7 +703,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[bh])
         plgpu.wait_smem_to_gmem(0)
 
-      pl.run_scoped(run, plgpu.SMEM((HEAD_DIM, R), jnp.float32), plgpu.SMEM((4, R), jnp.float32))
+      pl.run_scoped(run, plgpu.SMEM((d, R), jnp.float32), plgpu.SMEM((4, R), jnp.float32))
 
     if splits == 1:
       store(acc, m, l)
@@ -705,7 +731,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
     @pl.when(split == last)
     def _merge():  # part_acc [N, last, D, R], part_ml [N, last, 2, R] + this split's → store
       plgpu.semaphore_wait(sem.at[bh], last, memory_scope="gpu")  # acquire; zero again after
-      cols = lambda x: lax.broadcast_in_dim(x, (HEAD_DIM, R), [1])
+      cols = lambda x: lax.broadcast_in_dim(x, (d, R), [1])
 
       def add(carry, first_split, count):
         """carry (acc [D, R], m, l [R]) with partials first_split .. + count − 1 merged in, all
@@ -732,12 +758,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
         carry = add(carry, last - last % MERGE_UNROLL, last % MERGE_UNROLL)
       store(*carry)
 
-  stage_types = [plgpu.SMEM((stages, BK, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, BK), x.dtype)
+  stage_types = [plgpu.SMEM((stages, bk, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, bk), x.dtype)
                  for x in inputs[2:2 + streams]]
   run = plgpu.kernel(
       tq_decode_mgpu,
-      out_type=(jax.ShapeDtypeStruct((n, HEAD_DIM, R), jnp.float32), jax.ShapeDtypeStruct((n, 4, R), jnp.float32))
-      + ((jax.ShapeDtypeStruct((n, splits - 1, HEAD_DIM, R), jnp.float32),  # partials of the splits
+      out_type=(jax.ShapeDtypeStruct((n, d, R), jnp.float32), jax.ShapeDtypeStruct((n, 4, R), jnp.float32))
+      + ((jax.ShapeDtypeStruct((n, splits - 1, d, R), jnp.float32),  # partials of the splits
           jax.ShapeDtypeStruct((n, splits - 1, 2, R), jnp.float32)) if splits > 1 else ()),  # before the last
       grid=(n, splits),
       grid_names=("bh", "split"),
@@ -750,7 +776,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
                                            approx_math=soft_cap is None, unsafe_no_auto_barriers=True),
       scratch_types=[
           *(plgpu.SMEM(q.shape[1:], jnp.float32) for _ in parts),
-          plgpu.SMEM((len(parts), 4, 32, 4), jnp.uint32),  # the B fragments of the query rows
+          plgpu.SMEM((len(parts), d // 32, 32, 4), jnp.uint32),  # the B fragments of the query rows
           plgpu.SMEM(par.shape[1:], jnp.int32),
           plgpu.Barrier(num_barriers=1, num_arrivals=len(parts) + 1),
           *stage_types,
@@ -768,25 +794,25 @@ def supported(cache) -> tuple[bool, str]:
   cfg = cache.config
   if cfg.outlier_channels:
     return False, f"outlier_channels={cfg.outlier_channels} (no outlier-channel path)"
-  if cfg.head_dim != HEAD_DIM:
-    return False, f"head_dim={cfg.head_dim} (the Mosaic GPU decode kernel does {HEAD_DIM})"
+  if cfg.head_dim not in HEAD_DIMS:
+    return False, f"head_dim={cfg.head_dim} (the Mosaic GPU decode kernel does {HEAD_DIMS})"
   for name, tq in (("keys", cache.k.quantizer), ("values", cache.v.quantizer)):
     if tq.config.mse_bits not in BITS:
       return False, f"{name} use {tq.config.mse_bits} codebook bits, not in {BITS}"
-    if tq.config.variant == "prod" and tq.config.sketch_dim != HEAD_DIM:
-      return False, f"{name} use a QJL sketch of {tq.config.sketch_dim} rows, not {HEAD_DIM}"
+    if tq.config.variant == "prod" and tq.config.sketch_dim != cfg.head_dim:
+      return False, f"{name} use a QJL sketch of {tq.config.sketch_dim} rows, not head_dim={cfg.head_dim}"
   return True, ""
 
 
-def default_num_splits(heads: int, seq: int, ctas: int = 132 * 8) -> int:
+def default_num_splits(heads: int, seq: int, bk: int, ctas: int = 132 * 8) -> int:
   """A power of two near ctas / (B·K), so B·K·splits CTAs fill 132 SMs several deep in even
-  splits, each ≥ 4 blocks (16 at B·K = 64: 32 and 64 splits were 2 % and 10 % slower at
+  splits, each ≥ 4 blocks of bk tokens (16 at B·K = 64: 32 and 64 splits were 2 % and 10 % slower at
   S = 32k on an H200, 2026-11-29, with the merge in the kernel and 64-token blocks; at B·K = 8
   and S = 128k, 32 or 64 splits instead of 128 moved by −5 to +13 % depending on the config,
   within the noise of such calls).
   With 128-token blocks "≥ 4 blocks" halves the splits of short caches (8 at S = 4k, B·K = 64;
   not re-measured there)."""
-  nblocks = pl.cdiv(seq, BK)
+  nblocks = pl.cdiv(seq, bk)
   want = 1 << (max(1, ctas // heads).bit_length() - 1)
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
 
@@ -824,16 +850,17 @@ def decode_partial(
   ks, kr = cache.k.main.qjl_signs, cache.k.main.residual_norms  # prod keys, else None
   prod = kq.qjl is not None
   seq = cache.capacity
-  if seq < BK:  # tiny caches: pad to one block (padding slots are never attended)
-    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, BK - seq)] + [(0, 0)] * (x.ndim - 3))
+  bk = block_tokens(d)
+  if seq < bk:  # tiny caches: pad to one block (padding slots are never attended)
+    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, bk - seq)] + [(0, 0)] * (x.ndim - 3))
     kc, kn, vc, vn, ks, kr = map(pad, (kc, kn, vc, vn, ks, kr))
-    seq = BK
+    seq = bk
   n = b * kh
   flat = lambda x: x.reshape(n, seq, *x.shape[3:])
   # TMA needs 16-byte row strides: norms of a capacity that is not a multiple of 8 are padded.
   norms = lambda x: jnp.pad(flat(x), [(0, 0), (0, -seq % 8)])
   if num_splits is None:
-    num_splits = default_num_splits(n, seq)
+    num_splits = default_num_splits(n, seq, bk)
 
   def rows_of(x, fill=0):  # [B, K, G, T, ...] → [N, 8, ...]: rows padded to 8
     x = x.reshape(n, rows, *x.shape[4:])
@@ -851,20 +878,20 @@ def decode_partial(
                          v_bits=v_bits, qjl_coef=coef, soft_cap=None if soft_cap is None else float(soft_cap),
                          num_splits=num_splits, stages=stages)
   m, l = ml[:, 0, :rows], ml[:, 1, :rows]  # [N, R]
-  acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits))]  # [N, R, D] natural order
+  acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits, d))]  # [N, R, D] natural order
   return (acc.reshape(b, kh, g, t, d),), m.reshape(b, kh, g, t), l.reshape(b, kh, g, t)
 
 
 def q_fragments(q):
-  """q [N, P·8, D] float16 (kernel order) → [N, P, 4, 32, 4] uint32: for each group of 8 rows,
-  the B fragments of `mma.sync` m16n8k16 for k-steps j = 0..7 (columns 16j .. 16j + 15), lane
-  t = 4g + c holding words 2j + e = (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1]) (low half
-  first), stored as [4 vectors, 32 lanes, 4 words] so that a warp's 16-byte loads are contiguous.
-  The reference of the layout `_prepare_query` writes in the kernel."""
-  n, rows, _ = q.shape
-  x = q.reshape(n, rows // 8, 8, 8, 2, 4, 2)  # (part, g, j, e, c, pair)
+  """q [N, P·8, D] float16 (kernel order) → [N, P, D/32, 32, 4] uint32: for each group of 8 rows,
+  the B fragments of `mma.sync` m16n8k16 for k-steps j = 0 .. D/16 − 1 (columns 16j .. 16j + 15),
+  lane t = 4g + c holding words 2j + e = (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1]) (low half
+  first), stored as [D/32 vectors, 32 lanes, 4 words] so that a warp's 16-byte loads are
+  contiguous. The reference of the layout `_prepare_query` writes in the kernel."""
+  n, rows, d = q.shape
+  x = q.reshape(n, rows // 8, 8, d // 16, 2, 4, 2)  # (part, g, j, e, c, pair)
   x = lax.bitcast_convert_type(x.transpose(0, 1, 2, 5, 3, 4, 6), jnp.uint32)  # [n, P, g, c, j, e]
-  return x.reshape(n, rows // 8, 32, 4, 4).transpose(0, 1, 3, 2, 4)
+  return x.reshape(n, rows // 8, 32, d // 32, 4).transpose(0, 1, 3, 2, 4)
 
 
 def _zero_if_empty(m):

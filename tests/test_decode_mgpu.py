@@ -43,63 +43,67 @@ def _pairs_to_float(pairs, dtype):
 
 def _expand_rows(words, bits, tables, dtype):
   """Packed rows words [n, b·W] through `expand` for every column → [n, D] float32 in kernel
-  order (column 8k + 2c + e from column c's pair k, half e)."""
-  w = M.HEAD_DIM // packing.WORD_BITS
-  got = np.zeros((words.shape[0], M.HEAD_DIM), np.float32)
-  for c in range(w):
-    vals = _pairs_to_float(M.expand([words[:, r * w + c] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
+  order (column 128u + 8k + 2c + e from column 4u + c's pair k, half e)."""
+  w = words.shape[1] // bits
+  got = np.zeros((words.shape[0], w * packing.WORD_BITS), np.float32)
+  for col in range(w):
+    u, c = divmod(col, 4)
+    vals = _pairs_to_float(M.expand([words[:, r * w + col] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
     for k in range(16):
       for e in range(2):
-        got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+        got[:, 128 * u + 8 * k + 2 * c + e] = vals[:, 2 * k + e]
   return got
 
 
 @pytest.mark.math
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("bits", M.BITS)
-def test_expand_is_the_codebook_of_unpack(bits, dtype):
+@pytest.mark.parametrize("d", M.HEAD_DIMS)
+def test_expand_is_the_codebook_of_unpack(d, bits, dtype):
   """Every code of every slot and column, through the kernel's byte permutes, equals the 16-bit
   centroid of `packing.unpack`'s code at the coordinate `kernel_perm` names."""
   rng = np.random.default_rng(bits)
-  codes = rng.integers(0, 2**bits, size=(300, M.HEAD_DIM))
+  codes = rng.integers(0, 2**bits, size=(300, d))
   codes[:16] = np.arange(16)[:, None] % 2**bits  # every code in every coordinate
   words = np.asarray(packing.pack(jnp.asarray(codes), bits))
-  tables = M.byte_tables(bits, dtype)
-  cb = np.asarray(lloyd_max(bits, M.HEAD_DIM)[0], np.float32).astype(dtype).astype(np.float32)
-  perm = M.kernel_perm(bits)
+  tables = M.byte_tables(bits, dtype, d)
+  cb = np.asarray(lloyd_max(bits, d)[0], np.float32).astype(dtype).astype(np.float32)
+  perm = M.kernel_perm(bits, d)
   got = _expand_rows(words, bits, tables, dtype)
   np.testing.assert_array_equal(got, cb[codes[:, perm]])
-  assert sorted(perm) == list(range(M.HEAD_DIM))
+  assert sorted(perm) == list(range(d))
 
 
 @pytest.mark.math
-def test_expand_of_qjl_signs_is_plus_minus_one():
+@pytest.mark.parametrize("d", M.HEAD_DIMS)
+def test_expand_of_qjl_signs_is_plus_minus_one(d):
   """The QJL sign words through `expand` with `SIGN_TABLE` are `qjl.signs` (±1, exact in float16)
-  at the coordinates `kernel_perm(1)` names."""
+  at the coordinates `kernel_perm(1, d)` names."""
   from tqjax import qjl as Q
 
-  sk = Q.make_qjl(M.HEAD_DIM)
-  r = np.random.default_rng(1).standard_normal((200, M.HEAD_DIM))
+  sk = Q.make_qjl(d)
+  r = np.random.default_rng(1).standard_normal((200, d))
   words = np.asarray(Q.qjl_encode(sk, jnp.asarray(r, jnp.float32))[0])
-  want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, M.kernel_perm(1)]
+  want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, M.kernel_perm(1, d)]
   got = _expand_rows(words, 1, M.SIGN_TABLE, np.float16)
   np.testing.assert_array_equal(got, want)
   assert set(np.unique(got)) == {-1.0, 1.0}
 
 
 @pytest.mark.math
-def test_q_fragments_are_the_mma_b_fragments():
+@pytest.mark.parametrize("d", M.HEAD_DIMS)
+def test_q_fragments_are_the_mma_b_fragments(d):
   """`q_fragments`: lane 4g + c, word 2j + e holds (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1])
   (low half first) at [part, word // 4, lane, word % 4], element by element."""
   r = np.random.default_rng(1)
-  q = r.standard_normal((3, 16, 128)).astype(np.float16)
+  q = r.standard_normal((3, 16, d)).astype(np.float16)
   got = np.asarray(M.q_fragments(jnp.asarray(q)))
   bits = q.view(np.uint16).astype(np.uint32)
   for n in range(3):
     for part in range(2):
       for g in range(8):
         for c in range(4):
-          for j in range(8):
+          for j in range(d // 16):
             for e in range(2):
               col = 16 * j + 8 * e + 2 * c
               want = bits[n, 8 * part + g, col] | (bits[n, 8 * part + g, col + 1] << 16)
@@ -145,6 +149,7 @@ def test_supported_and_errors():
   assert M.supported(C.init_cache(cfg, 1, 1, 8)) == (True, "")
   for kb in (2, 5):  # prod keys: 1 or 4 codebook bits + the QJL row
     assert M.supported(C.init_cache(C.CacheConfig(head_dim=128, k_bits=kb, v_bits=3, k_variant="prod"), 1, 1, 8))[0]
+  assert M.supported(C.init_cache(C.CacheConfig(head_dim=256, k_bits=4, v_bits=2, k_variant="prod"), 1, 1, 8))[0]
   for kw, word in ((dict(k_variant="prod", k_bits=1), "codebook bits"), (dict(head_dim=64), "head_dim"),
                    (dict(v_bits=5), "bits"), (dict(outlier_channels=32), "outlier")):
     ok, why = M.supported(C.init_cache(C.CacheConfig(**{**dict(head_dim=128, k_bits=3, v_bits=3), **kw}), 1, 1, 8))
@@ -156,23 +161,28 @@ def test_supported_and_errors():
     M.decode_partial(cache, pq, lo, hi)
 
 
-LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap, key variant
-    (3, 3, "float16", 4, 1, 32768, None, "mse"),
-    (4, 4, "float32", 8, 1, 1000, 30.0, "mse"),
-    (2, 1, "bfloat16", 2, 2, 37, None, "mse"),
-    (1, 2, "float16", 1, 1, 4133, 20.0, "mse"),
-    (3, 3, "float16", 4, 1, 32768, None, "prod"),
-    (5, 2, "float32", 8, 1, 100, 30.0, "prod"),
+LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap, key variant, head_dim
+    (3, 3, "float16", 4, 1, 32768, None, "mse", 128),
+    (4, 4, "float32", 8, 1, 1000, 30.0, "mse", 128),
+    (2, 1, "bfloat16", 2, 2, 37, None, "mse", 128),
+    (1, 2, "float16", 1, 1, 4133, 20.0, "mse", 128),
+    (3, 3, "float16", 4, 1, 32768, None, "prod", 128),
+    (5, 2, "float32", 8, 1, 100, 30.0, "prod", 128),
+    (3, 3, "float16", 4, 1, 16384, None, "mse", 256),
+    (4, 4, "float32", 8, 1, 1000, 30.0, "mse", 256),
+    (2, 1, "bfloat16", 2, 2, 37, None, "mse", 256),
+    (4, 3, "float16", 4, 1, 16384, None, "prod", 256),
 ]
 
 
 @pytest.mark.lowering
-@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: f"k{c[0]}{c[7]}v{c[1]}-{c[2]}-g{c[3]}t{c[4]}-s{c[5]}")
+@pytest.mark.parametrize("case", LOWERING_CASES,
+                         ids=lambda c: f"d{c[8]}-k{c[0]}{c[7]}v{c[1]}-{c[2]}-g{c[3]}t{c[4]}-s{c[5]}")
 def test_lowers_for_h100(case):
-  kb, vb, nd, g, t, s, cap, var = case
-  cfg = C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
+  kb, vb, nd, g, t, s, cap, var, d = case
+  cfg = C.CacheConfig(head_dim=d, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
   cache = jax.eval_shape(lambda: C.init_cache(cfg, 2, 3, s))
-  pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, 128), jnp.float32), 0.1), cache)
+  pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, d), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
     for stages in (None, 1, 3):  # the default (M.STAGES), one, more
@@ -196,22 +206,28 @@ GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window
     (dict(k_bits=3, v_bits=3, k_variant="prod"), 2, 2, 4, 1, 3001, [3001, 1], None, None),
     (dict(k_bits=5, v_bits=2, k_variant="prod", norm_dtype="float32"), 1, 2, 8, 1, 700, [650], 30.0, None),
     (dict(k_bits=2, v_bits=4, k_variant="prod"), 2, 1, 2, 2, 40, [40, 3], None, 10),
+    (dict(k_bits=3, v_bits=3, head_dim=256), 2, 2, 4, 1, 2100, [2100, 1000], None, None),
+    (dict(k_bits=4, v_bits=2, head_dim=256, norm_dtype="float32"), 1, 2, 8, 1, 700, [650], 30.0, 100),
+    (dict(k_bits=4, v_bits=3, head_dim=256, k_variant="prod"), 2, 2, 4, 1, 1500, [1500, 1], None, None),
+    (dict(k_bits=2, v_bits=4, head_dim=256, k_variant="prod"), 2, 1, 2, 2, 40, [40, 0], 20.0, None),
 ]
 
 
 def _case_id(c):
-  return f"k{c[0]['k_bits']}{c[0].get('k_variant', 'mse')}v{c[0]['v_bits']}-g{c[3]}t{c[4]}-s{c[5]}"
+  return (f"d{c[0].get('head_dim', 128)}-k{c[0]['k_bits']}{c[0].get('k_variant', 'mse')}v{c[0]['v_bits']}"
+          f"-g{c[3]}t{c[4]}-s{c[5]}")
 
 
 def _check_case(case, decode_partial):
   """decode_partial (the contract of `decode_partial_reference`) on a prefilled random cache: no
   NaN, the same empty rows, l and o within TOL of the float32 reference, empty rows exactly 0."""
   cfgkw, b, kh, g, t, s, lengths, cap, win = case
+  d = cfgkw.get("head_dim", 128)
   r = np.random.default_rng(s)
-  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=128, **cfgkw), b, kh, s),
-                    jnp.asarray(r.standard_normal((b, kh, s, 128)) + 0.4, jnp.float32),
-                    jnp.asarray(r.standard_normal((b, kh, s, 128)), jnp.float32), jnp.asarray(lengths, jnp.int32))
-  pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, 128)) * 2, jnp.float32), 1 / math.sqrt(128))
+  cache = C.prefill(C.init_cache(C.CacheConfig(**{"head_dim": d, **cfgkw}), b, kh, s),
+                    jnp.asarray(r.standard_normal((b, kh, s, d)) + 0.4, jnp.float32),
+                    jnp.asarray(r.standard_normal((b, kh, s, d)), jnp.float32), jnp.asarray(lengths, jnp.int32))
+  pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, d)) * 2, jnp.float32), 1 / math.sqrt(d))
   lo, hi = C.query_ranges(cache, t, win)
   (acc, m, l) = decode_partial(cache, pq, lo, hi, cap)
   (acc_r, m_r, l_r) = decode_attention_gpu.decode_partial_reference(cache, pq, lo, hi, cap)
@@ -230,7 +246,7 @@ def _check_case(case, decode_partial):
 def _prepared_rows(q, bits, coef=1.0):
   """The reference of `M._prepare_query` for one part: q [N, R, D] float32 (natural order) →
   (float16 rows in kernel order padded to 8, as float32 [N, 8, D], scales [N, 8])."""
-  q = jnp.pad(q[..., M.kernel_perm(bits)] * jnp.float32(coef), [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
+  q = jnp.pad(q[..., M.kernel_perm(bits, q.shape[-1])] * jnp.float32(coef), [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
   q16, scale = M._float16_rows(q)
   return q16.astype(jnp.float32), scale
 
@@ -240,7 +256,7 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   """`M._decode_call` in plain jnp (no splits to merge): the same inputs (layouts, kernel coordinate
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
-  seq = kc.shape[1]
+  seq, d = kc.shape[1], q.shape[2]
   row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
   assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
   q, qscale = _prepared_rows(q, k_bits)
@@ -248,10 +264,10 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
 
   def deq(words, bits, dtype, values):  # [N, S, b·W] → [N, S, D] kernel order
     table = jnp.asarray(np.asarray(values, np.float32).astype(dtype).astype(np.float32))
-    return table[packing.unpack(words, bits, M.HEAD_DIM)][..., M.kernel_perm(bits)]
+    return table[packing.unpack(words, bits, d)][..., M.kernel_perm(bits, d)]
 
   dot = lambda x, y: jnp.einsum("nsd,nrd->nsr", x, y.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-  cb = lambda bits: lloyd_max(bits, M.HEAD_DIM)[0]
+  cb = lambda bits: lloyd_max(bits, d)[0]
   s = dot(deq(kc, k_bits, np.float16, cb(k_bits)), q) * qscale[:, None]
   if ks is not None:
     signs = deq(ks, 1, np.float16, [-1.0, 1.0])
@@ -291,14 +307,15 @@ def test_gpu_compiled_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-def test_gpu_prepare_query_is_float16_rows_and_q_fragments():
+@pytest.mark.parametrize("d", M.HEAD_DIMS)
+def test_gpu_prepare_query_is_float16_rows_and_q_fragments(d):
   """The kernel's query preparation (`_prepare_query`: 6 rows of a 3-bit query and of a 1-bit
   S·q scaled by a coefficient) against its references: the fragments
   `q_fragments(_float16_rows(...))` value for value (NaN, ±inf, zero and tiny rows included), the
   scales in their `par` rows, and the other `par` rows untouched."""
   r = np.random.default_rng(2)
   mags = np.asarray([1e-30, 1e-3, 1.0, 3e4, 1e30, 1.0])
-  q = r.standard_normal((3, 2, 6, 128)) * np.stack([mags, mags[::-1]])[:, :, None]
+  q = r.standard_normal((3, 2, 6, d)) * np.stack([mags, mags[::-1]])[:, :, None]
   q[0, 0, 5], q[1, 1, 3] = 0.0, np.clip(q[1, 1, 3], -1, 1) * 2.0**-119
   q[1, 0, 2, 7], q[2, 0, 3, 9], q[2, 1, 4, 0] = np.nan, -np.inf, np.inf
   q = jnp.asarray(q, jnp.float32)
@@ -317,12 +334,12 @@ def test_gpu_prepare_query_is_float16_rows_and_q_fragments():
     plgpu.copy_smem_to_gmem(par_smem, par_out.at[n])
     plgpu.wait_smem_to_gmem(0)
 
-  run = plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((3, 2, 4, 32, 4), jnp.uint32),
+  run = plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((3, 2, d // 32, 32, 4), jnp.uint32),
                                        jax.ShapeDtypeStruct(par.shape, jnp.int32)),
                      grid=(3,), grid_names=("n",),
                      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-                     scratch_types=[plgpu.SMEM((6, 128), jnp.float32), plgpu.SMEM((6, 128), jnp.float32),
-                                    plgpu.SMEM((2, 4, 32, 4), jnp.uint32), plgpu.SMEM((8, 8), jnp.int32),
+                     scratch_types=[plgpu.SMEM((6, d), jnp.float32), plgpu.SMEM((6, d), jnp.float32),
+                                    plgpu.SMEM((2, d // 32, 32, 4), jnp.uint32), plgpu.SMEM((8, 8), jnp.int32),
                                     plgpu.Barrier(num_barriers=1, num_arrivals=3)])
   qf_got, par_got = (np.asarray(x) for x in jax.jit(run)(q[:, 0], q[:, 1], par))
   prepared = [_prepared_rows(q[:, p], bits, coef) for p, (bits, coef) in enumerate(parts)]
@@ -347,13 +364,14 @@ def test_gpu_pipeline_depths(stages):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-def test_gpu_default_attention_is_the_mosaic_kernel():
-  """dispatch picks this kernel on Hopper for K3/V3 d=128 and its attention matches the XLA path."""
+@pytest.mark.parametrize("d", M.HEAD_DIMS)
+def test_gpu_default_attention_is_the_mosaic_kernel(d):
+  """dispatch picks this kernel on Hopper for K3/V3 and its attention matches the XLA path."""
   r = np.random.default_rng(0)
-  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=128, k_bits=3, v_bits=3), 2, 2, 640),
-                    jnp.asarray(r.standard_normal((2, 2, 640, 128)), jnp.float32),
-                    jnp.asarray(r.standard_normal((2, 2, 640, 128)), jnp.float32), jnp.asarray([640, 333], jnp.int32))
-  q = jnp.asarray(r.standard_normal((2, 8, 128)), jnp.float32)
+  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), 2, 2, 640),
+                    jnp.asarray(r.standard_normal((2, 2, 640, d)), jnp.float32),
+                    jnp.asarray(r.standard_normal((2, 2, 640, d)), jnp.float32), jnp.asarray([640, 333], jnp.int32))
+  q = jnp.asarray(r.standard_normal((2, 8, d)), jnp.float32)
   assert dispatch._mosaic_decode(cache, 4) and not dispatch._mosaic_decode(cache, 9)
   got = np.asarray(dispatch.attention(cache, q))
   want = np.asarray(C.attention(cache, q, implementation="xla"))
