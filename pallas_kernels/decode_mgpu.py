@@ -2,15 +2,18 @@
 
 The contract of `tqjax.cache.compressed_partial_reference` (as `decode_attention_gpu`, the
 Triton kernel, which handles every config this one does not) for: mse or prod keys and mse
-values of 1-4 codebook bits (prod: a QJL sketch of 128 rows), head_dim 128, no outlier channels,
-at most 8 query rows (G·T) per kv head.
+values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 128 or 256, no
+outlier channels, at most 8 query rows (G·T) per kv head.
 
-Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams 128-token blocks of
-packed key/value codes and norms through a two-stage TMA pipeline (all of a block's copies on
-one barrier). Each of its four warps owns two 16-token tiles of every block (tokens 16w .. 16w +
-15 and 64 + 16w .. 64 + 16w + 15) and runs its own online softmax with warp-level `mma.sync`
-m16n8k16 (inline PTX): no shared-memory staging and no cross-warp barrier inside a block but
-the one that frees the stage slot for its refill.
+Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams blocks of packed
+key/value codes and norms through a two-stage TMA pipeline (all of a block's copies on one
+barrier). Each of its four warps owns `TILES[D]` 16-token tiles of every block (tokens
+64t + 16w .. 64t + 16w + 15 of tile t: two tiles of a 128-token block at D = 128, one of a
+64-token block at D = 256) and runs its own online softmax with warp-level `mma.sync` m16n8k16
+(inline PTX): no shared-memory staging and no cross-warp barrier inside a block but the one that
+frees the stage slot for its refill. At D = 256 a thread holds two 128-coordinate halves of each
+of its tokens (packed columns c and c + 4), each dequantized and multiplied as a whole D = 128
+token is.
 
 * Dequantization by byte permutes, in registers, straight into the mma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
@@ -47,10 +50,10 @@ the one that frees the stage slot for its refill.
 * Pallas' automatic barriers around shared-memory stores and TMA issues are off
   (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-9).
+Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-10).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
-slots, D = 128, W = D/32 = 4 packed columns, BK = 128 tokens per block.
+slots, D = 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens per block.
 """
 
 from __future__ import annotations
@@ -68,13 +71,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
-# Two 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block: per
-# call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k and 128k on an H200
-# (twice the independent work between a block's shuffles and barrier; 126 registers, 138 for
-# prod keys). Three tiles: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
-# (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM in
-# shared memory.
-TILES = {128: 2, 256: 1}  # per head_dim: at D = 256 a thread holds twice the accumulator
+# 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block, per
+# head_dim. D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at
+# S = 32k and 128k on an H200 (twice the independent work between a block's shuffles and
+# barrier; 126 registers, 138 for prod keys). Three tiles: 3 % slower for K3/V3, 1 % faster for
+# prod keys; four: 8-9 % slower (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens
+# keep K3/V3 at 4 CTAs per SM in shared memory. D = 256 (twice the accumulator per thread), one:
+# 5 % faster than two for K3/V3 at S = 16k, 2-3 % for K4/V4 and prod keys (139-147 against
+# 169-186 registers); three stages instead of two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
+TILES = {128: 2, 256: 1}
 STAGES = 2  # pipeline depth: blocks in flight per CTA
 HEAD_DIMS = (128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
