@@ -79,9 +79,9 @@ from tqjax.codebook import lloyd_max
 # keep K3/V3 at 4 CTAs per SM in shared memory. D = 256 (twice the accumulator per thread), one:
 # 5 % faster than two for K3/V3 at S = 16k, 2-3 % for K4/V4 and prod keys (139-147 against
 # 169-186 registers); three stages instead of two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
-TILES = {128: 2, 256: 1}
+TILES = {64: 4, 128: 2, 256: 1}
 STAGES = 2  # pipeline depth: blocks in flight per CTA
-HEAD_DIMS = (128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u
+HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u (64: `_half_words`)
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
@@ -109,6 +109,7 @@ class NumpyOps:
     return np.uint32(v)
 
   shr = staticmethod(lambda x, n: np.uint32(x) >> np.uint32(n))
+  shr_by = shr
   shl = staticmethod(lambda x, n: (np.uint32(x) << np.uint32(n)) & np.uint32(0xFFFFFFFF))
   band = staticmethod(lambda x, y: np.uint32(x) & np.uint32(y))
   bor = staticmethod(lambda x, y: np.uint32(x) | np.uint32(y))
@@ -138,10 +139,13 @@ def _spread_even(x, ops):
   return ops.band(ops.bor(x, ops.shl(x, 1)), ops.const(0x55555555))
 
 
-def _selectors(words, bits: int, ops):
+def _selectors(words, bits: int, ops, slots: int = 32):
   """Selector words of a token's packed column: list of (word, slots), each word holding the
   codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits, (magnitude index, negative
-  flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows."""
+  flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows; or,
+  with slots = 16, the words of one half of it (slots 16h .. 16h + 15, numbered from 0 here) as
+  `_half_words` gives them."""
+  halves = slots // 16
   m2, m3 = ops.const(0x33333333), ops.const(0xCCCCCCCC)
   even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
   if bits == 4:
@@ -153,17 +157,17 @@ def _selectors(words, bits: int, ops):
     return out
   if bits == 1:
     (c,) = words
-    halves = [_spread_even(c, ops), _spread_even(ops.shr(c, 16), ops)]  # slot s of half h at bit 2s
+    spread = [_spread_even(c, ops)] + ([_spread_even(ops.shr(c, 16), ops)] if halves == 2 else [])  # slot s: bit 2s
     out = []
-    for h, e in enumerate(halves):
+    for h, e in enumerate(spread):
       one = ops.const(0x11111111)
       out += [(ops.band(e, one), [16 * h + s for s in even]), (ops.band(ops.shr(e, 2), one), [16 * h + s for s in odd])]
     return out
-  low = words[:2]  # 2-bit rows: slots 16h + m at bits 2m
+  low = words[:halves]  # 2-bit rows: slots 16h + m at bits 2m
   tops = None
   if bits == 3:  # the 1-bit row holds code bit 2
-    c = words[2]
-    tops = [_spread_even(c, ops), _spread_even(ops.shr(c, 16), ops)]
+    c = words[halves]
+    tops = [_spread_even(c, ops)] + ([_spread_even(ops.shr(c, 16), ops)] if halves == 2 else [])
   out = []
   for h, a in enumerate(low):
     x0, x1 = ops.band(a, m2), ops.band(ops.shr(a, 2), m2)  # nibble i: slot 2i / 2i + 1, low bits
@@ -186,31 +190,55 @@ def _lookup(sel, tables, ops):
   return ops.prmt(lo, hi, ops.const(0x5140)), ops.prmt(lo, hi, ops.const(0x7362))
 
 
-def expand(words, bits: int, tables, ops):
-  """A token's packed column (b words) → 16 bf16 pairs (uint32, low half first): the thread's
-  32 mma-operand columns 8k + 2c + e in order k = 0..15 (`kernel_slots` gives the slots)."""
+def expand(words, bits: int, tables, ops, slots: int = 32):
+  """A token's packed column (b words; or, slots = 16, half of one: `_half_words`) → slots / 2
+  bf16 pairs (uint32, low half first): the thread's mma-operand columns 8k + 2c + e in order
+  k = 0, 1, .. (`kernel_slots` gives the slots)."""
   pairs = []
-  for sel, _ in _selectors(words, bits, ops):
+  for sel, _ in _selectors(words, bits, ops, slots):
     shift = (lambda s: (ops.shr(s[0], 16), ops.shr(s[1], 16))) if isinstance(sel, tuple) else (lambda s: ops.shr(s, 16))
     for part in (sel, shift(sel)):
       pairs += list(_lookup(part, tables, ops))
   return pairs
 
 
-def kernel_slots(bits: int) -> np.ndarray:
-  """slots [32]: the thread's operand column 8k + 2c + e holds slot slots[2k + e] of column c."""
+def kernel_slots(bits: int, slots: int = 32) -> np.ndarray:
+  """[slots]: the thread's operand column 8k + 2c + e holds slot kernel_slots[2k + e] of its
+  packed column (slots = 16: of its half of one, numbered from 0)."""
   out = []
-  for _, slots in _selectors([np.uint32(0)] * bits, bits, NumpyOps):
-    out += slots
+  nwords = bits if slots == 32 else (bits + 1) // 2  # `_half_words`
+  for _, got in _selectors([np.uint32(0)] * nwords, bits, NumpyOps, slots):
+    out += got
   return np.asarray(out)
 
 
+def _half_words(word, bits: int, shift, ops):
+  """The words of slots 16h .. 16h + 15 of a packed column, as `_selectors(..., slots=16)` takes
+  them (D = 64: thread c takes half c // 2 of packed column c % 2). word(a, b): the column's packed
+  row a·h + b; shift = 16h (`ops.shr_by`). A 2-bit row holds 16 slots (row h), a 4-bit row 8
+  (rows 2h, 2h + 1), the 1-bit row 32 (moved down by 16h)."""
+  if bits == 4:
+    return [word(2, 0), word(2, 1)]
+  if bits == 1:
+    return [ops.shr_by(word(0, 0), shift)]
+  return [word(1, 0)] + ([ops.shr_by(word(0, 2), shift)] if bits == 3 else [])
+
+
 def kernel_perm(bits: int, d: int) -> np.ndarray:
-  """perm [d]: kernel coordinate j = 128u + 8k + 2c + e (half u, thread column c) is natural
-  coordinate perm[j] = slot·W + 4u + c, slot = `kernel_slots(bits)`[2k + e], W = d / 32."""
-  slots = kernel_slots(bits)
+  """perm [d]: kernel coordinate j → natural coordinate perm[j] = slot·W + column (W = d / 32).
+  d ≥ 128: j = 128u + 8k + 2c + e (half u, thread column c) is slot `kernel_slots(bits)`[2k + e]
+  of packed column 4u + c; d = 64: j = 8k + 2c + e is slot 16·(c // 2) + `kernel_slots(bits,
+  16)`[2k + e] of packed column c % 2."""
   w = d // packing.WORD_BITS
   perm = np.empty(d, np.int64)
+  if w < _QUAD:
+    slots = kernel_slots(bits, 16)
+    for k in range(8):
+      for c in range(_QUAD):
+        for e in range(2):
+          perm[8 * k + 2 * c + e] = (16 * (c // 2) + slots[2 * k + e]) * w + c % 2
+    return perm
+  slots = kernel_slots(bits)
   for u in range(d // 128):
     for k in range(16):
       for c in range(_QUAD):
@@ -266,6 +294,9 @@ class _MlirOps:
   def shr(self, x, n):
     return self._arith.shrui(x, self.const(n))
 
+  def shr_by(self, x, y):
+    return self._arith.shrui(x, y)
+
   def shl(self, x, n):
     return self._arith.shli(x, self.const(n))
 
@@ -295,23 +326,43 @@ def _ptx():
   return ir, arith, memref, vector, mgpu_utils, fa
 
 
-def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int):
+def _tokens_per_row(words: int) -> int:
+  """Tokens per TMA row of a code array with `words` uint32 words per token: rows (and the
+  global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2 or 6 words per token are
+  read as rows of two tokens (a free reshape)."""
+  return 4 // np.gcd(4, words)
+
+
+def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int):
   """The thread's two tokens of a block's 16-token tile (rows 64·tile + 16·warp + lane / 4 + 8h,
   h = 0, 1) expanded in one 128-coordinate half (packed column c + 4·half of the words ref
-  [BK, b·W]): pairs[h][k] (i32: two 16-bit values, low first) of kernel columns
-  128·half + 8k + 2c + e."""
+  [BK / f, f·b·W], f tokens per row: `_tokens_per_row`): pairs[h][k] (i32: two 16-bit values,
+  low first) of kernel columns 128·half + 8k + 2c + e. At d = 64 half c // 2 of packed column
+  c % 2 (`_half_words`), 8 pairs."""
   ir, arith, memref, *_ = _ptx()
   index = ir.IndexType.get()
-  w = ir.MemRefType(words_ref.type).shape[1] // bits
+  w = d // packing.WORD_BITS
+  per_token = bits * w
+  f = ir.MemRefType(words_ref.type).shape[1] // per_token
   col, row0 = _thread_coords(ops)
   if half:
     col = arith.addi(col, ops.const(_QUAD * half))
+  if w < _QUAD:
+    h, col = arith.shrui(col, ops.const(1)), arith.andi(col, ops.const(1))
+    shift = arith.shli(h, ops.const(4))
+  if f > 1:  # the thread's tokens are all even or all odd (8 | 64·tile + 8h): one column offset
+    col = arith.addi(col, arith.muli(arith.remui(row0, ops.const(f)), ops.const(per_token)))
   out = []
-  for h in range(2):
-    row = arith.index_cast(index, arith.addi(row0, ops.const(64 * tile + 8 * h)))
-    words = [memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, ops.const(r * w)))])
-             for r in range(bits)]
-    out.append(expand(words, bits, tables, ops))
+  for th in range(2):
+    token = arith.addi(row0, ops.const(64 * tile + 8 * th))
+    row = arith.index_cast(index, arith.divui(token, ops.const(f)) if f > 1 else token)
+    load = lambda offset: memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, offset))])
+    if w < _QUAD:
+      words = _half_words(lambda a, b: load(arith.addi(arith.muli(h, ops.const(a * w)), ops.const(b * w))),
+                          bits, shift, ops)
+      out.append(expand(words, bits, tables, ops, 16))
+    else:
+      out.append(expand([load(ops.const(r * w)) for r in range(bits)], bits, tables, ops))
   return out
 
 
@@ -388,9 +439,9 @@ def _key_dot(bits: int, tables, part: int, d: int):
     tot = []
     for tile in range(TILES[d]):
       d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
-      for u in range(d // 128):
-        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u)
-        for j in range(8):
+      for u in range(max(1, d // 128)):
+        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
+        for j in range(len(pairs[0]) // 2):
           a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
           step = 8 * u + j
           chain = step % KEY_CHAINS
@@ -434,14 +485,15 @@ def _value_dot(bits: int, tables, d: int):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
     out = [list(branch.results)[4 * i:4 * i + 4] for i in range(d // 16)]
     for tile in range(TILES[d]):
-      for u in range(d // 128):
-        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u)
+      for u in range(max(1, d // 128)):
+        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
+        steps = len(pairs[0]) // 2  # mma per half: 16 columns each
         # vt[h][k]: column 128u + 8k + t / 4, tokens 8h + 2(t % 4) of the tile
         vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
         if u == 0:
           b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
-        a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(8)]
-        out[8 * u:8 * u + 8] = [_mma("bf16", a[i], b, out[8 * u + i]) for i in range(8)]
+        a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(steps)]
+        out[steps * u:steps * u + steps] = [_mma("bf16", a[i], b, out[steps * u + i]) for i in range(steps)]
     return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * d, MAX_ROWS))
 
   return dot
@@ -545,10 +597,14 @@ def _prepare_query(parts):
         w = d // packing.WORD_BITS
         real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
         row = ix(arith.minui(g, ops.const(rows - 1)))
+        base, slots = c, kernel_slots(bits)
+        if w < _QUAD:  # d = 64: slots 16·(c // 2) + kernel_slots(bits, 16) of column c % 2
+          base = arith.addi(arith.andi(c, ops.const(1)), arith.muli(arith.shrui(c, ops.const(1)), ops.const(16 * w)))
+          slots = kernel_slots(bits, 16)
         x = []
-        for u in range(d // 128):
-          for slot in kernel_slots(bits):
-            v = memref.load(q_ref, [row, ix(arith.addi(c, ops.const(w * int(slot) + _QUAD * u)))])
+        for u in range(max(1, d // 128)):
+          for slot in slots:
+            v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(w * int(slot) + _QUAD * u)))])
             if coef != 1.0:
               v = arith.mulf(v, arith.constant(f32, coef))
             x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
@@ -616,7 +672,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
+  w = d // packing.WORD_BITS
+  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * w), -1)  # free; S a multiple of 2 at D = 64
+  kc, vc = as_rows(kc, k_bits), as_rows(vc, v_bits)
+  ks = as_rows(ks, 1) if prod else None
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
+  block_rows = [bk * x.shape[1] // seq if x.ndim == 3 else bk for x in inputs[2:2 + streams]]  # per stream
   prepare_query = _prepare_query(parts)
   L = plgpu.Layout
   R = MAX_ROWS
@@ -638,9 +699,9 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       plgpu.copy_gmem_to_smem(src.at[bh], dst, q_bar.at[0])
 
     def fetch(i, slot):
-      rows = pl.ds((first + i) * bk, bk)  # past the end TMA reads zeros (masked below)
-      for src, dst in zip(stage_gmem, stage_smem):
-        plgpu.copy_gmem_to_smem(src.at[bh, rows], dst.at[slot], bars.at[slot])
+      rows = {r: pl.ds((first + i) * r, r) for r in sorted(set(block_rows))}  # past the end TMA reads zeros
+      for src, dst, r in zip(stage_gmem, stage_smem, block_rows):  # (masked below)
+        plgpu.copy_gmem_to_smem(src.at[bh, rows[r]], dst.at[slot], bars.at[slot])
 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(fetch, i, i))
@@ -763,8 +824,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
         carry = add(carry, last - last % MERGE_UNROLL, last % MERGE_UNROLL)
       store(*carry)
 
-  stage_types = [plgpu.SMEM((stages, bk, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, bk), x.dtype)
-                 for x in inputs[2:2 + streams]]
+  stage_types = [plgpu.SMEM((stages, r, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, r), x.dtype)
+                 for x, r in zip(inputs[2:2 + streams], block_rows)]
   run = plgpu.kernel(
       tq_decode_mgpu,
       out_type=(jax.ShapeDtypeStruct((n, d, R), jnp.float32), jax.ShapeDtypeStruct((n, 4, R), jnp.float32))
@@ -856,10 +917,14 @@ def decode_partial(
   prod = kq.qjl is not None
   seq = cache.capacity
   bk = block_tokens(d)
-  if seq < bk:  # tiny caches: pad to one block (padding slots are never attended)
-    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, bk - seq)] + [(0, 0)] * (x.ndim - 3))
+  # Tiny caches are padded to one block, and at D = 64 an odd capacity to an even one (the codes
+  # are read two tokens per row: `_tokens_per_row`); padding slots are never attended. Both copy
+  # the cache on every call.
+  padded = max(bk, seq + seq % 2 if d < 128 else seq)
+  if padded > seq:
+    pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 3))
     kc, kn, vc, vn, ks, kr = map(pad, (kc, kn, vc, vn, ks, kr))
-    seq = bk
+    seq = padded
   n = b * kh
   flat = lambda x: x.reshape(n, seq, *x.shape[3:])
   # TMA needs 16-byte row strides: norms of a capacity that is not a multiple of 8 are padded.

@@ -43,9 +43,19 @@ def _pairs_to_float(pairs, dtype):
 
 def _expand_rows(words, bits, tables, dtype):
   """Packed rows words [n, b·W] through `expand` for every column → [n, D] float32 in kernel
-  order (column 128u + 8k + 2c + e from column 4u + c's pair k, half e)."""
+  order (column 128u + 8k + 2c + e from column 4u + c's pair k, half e; at D = 64 column 8k +
+  2c + e from pair k of half c // 2 of column c % 2, through `_half_words`)."""
   w = words.shape[1] // bits
   got = np.zeros((words.shape[0], w * packing.WORD_BITS), np.float32)
+  if w < 4:
+    for c in range(4):
+      h, col = c // 2, c % 2
+      half = M._half_words(lambda a, b: words[:, (a * h + b) * w + col], bits, 16 * h, M.NumpyOps)
+      vals = _pairs_to_float(M.expand(half, bits, tables, M.NumpyOps, 16), dtype)
+      for k in range(8):
+        for e in range(2):
+          got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
+    return got
   for col in range(w):
     u, c = divmod(col, 4)
     vals = _pairs_to_float(M.expand([words[:, r * w + col] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
@@ -149,8 +159,9 @@ def test_supported_and_errors():
   assert M.supported(C.init_cache(cfg, 1, 1, 8)) == (True, "")
   for kb in (2, 5):  # prod keys: 1 or 4 codebook bits + the QJL row
     assert M.supported(C.init_cache(C.CacheConfig(head_dim=128, k_bits=kb, v_bits=3, k_variant="prod"), 1, 1, 8))[0]
-  assert M.supported(C.init_cache(C.CacheConfig(head_dim=256, k_bits=4, v_bits=2, k_variant="prod"), 1, 1, 8))[0]
-  for kw, word in ((dict(k_variant="prod", k_bits=1), "codebook bits"), (dict(head_dim=64), "head_dim"),
+  for d in (64, 256):
+    assert M.supported(C.init_cache(C.CacheConfig(head_dim=d, k_bits=4, v_bits=2, k_variant="prod"), 1, 1, 8))[0]
+  for kw, word in ((dict(k_variant="prod", k_bits=1), "codebook bits"), (dict(head_dim=96), "head_dim"),
                    (dict(v_bits=5), "bits"), (dict(outlier_channels=32), "outlier")):
     ok, why = M.supported(C.init_cache(C.CacheConfig(**{**dict(head_dim=128, k_bits=3, v_bits=3), **kw}), 1, 1, 8))
     assert not ok and word in why
@@ -172,6 +183,10 @@ LOWERING_CASES = [  # k bits, v bits, norm dtype, G, T, S, soft cap, key variant
     (4, 4, "float32", 8, 1, 1000, 30.0, "mse", 256),
     (2, 1, "bfloat16", 2, 2, 37, None, "mse", 256),
     (4, 3, "float16", 4, 1, 16384, None, "prod", 256),
+    (3, 3, "float16", 4, 1, 32768, None, "mse", 64),
+    (1, 4, "float32", 8, 1, 1001, 30.0, "mse", 64),
+    (2, 1, "bfloat16", 2, 2, 37, None, "mse", 64),
+    (3, 3, "float16", 4, 1, 4133, None, "prod", 64),
 ]
 
 
@@ -210,6 +225,10 @@ GPU_CASES = [  # config, B, K, G, T, S, lengths, soft cap, sliding window
     (dict(k_bits=4, v_bits=2, head_dim=256, norm_dtype="float32"), 1, 2, 8, 1, 700, [650], 30.0, 100),
     (dict(k_bits=4, v_bits=3, head_dim=256, k_variant="prod"), 2, 2, 4, 1, 1500, [1500, 1], None, None),
     (dict(k_bits=2, v_bits=4, head_dim=256, k_variant="prod"), 2, 1, 2, 2, 40, [40, 0], 20.0, None),
+    (dict(k_bits=3, v_bits=3, head_dim=64), 2, 2, 4, 1, 4133, [4133, 1000], None, None),
+    (dict(k_bits=1, v_bits=4, head_dim=64, norm_dtype="float32"), 1, 2, 8, 1, 1001, [1001], 30.0, 100),
+    (dict(k_bits=4, v_bits=3, head_dim=64, k_variant="prod"), 2, 2, 4, 1, 3001, [3001, 1], None, None),
+    (dict(k_bits=3, v_bits=2, head_dim=64, k_variant="prod"), 2, 1, 2, 2, 41, [41, 0], 20.0, None),
 ]
 
 
