@@ -2,18 +2,20 @@
 
 The contract of `tqjax.cache.compressed_partial_reference` (as `decode_attention_gpu`, the
 Triton kernel, which handles every config this one does not) for: mse or prod keys and mse
-values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 128 or 256, no
+values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 64, 128 or 256, no
 outlier channels, at most 8 query rows (G·T) per kv head.
 
 Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams blocks of packed
 key/value codes and norms through a two-stage TMA pipeline (all of a block's copies on one
 barrier). Each of its four warps owns `TILES[D]` 16-token tiles of every block (tokens
-64t + 16w .. 64t + 16w + 15 of tile t: two tiles of a 128-token block at D = 128, one of a
+64t + 16w .. 64t + 16w + 15 of tile t: two tiles of a 128-token block at D = 64 and 128, one of a
 64-token block at D = 256) and runs its own online softmax with warp-level `mma.sync` m16n8k16
 (inline PTX): no shared-memory staging and no cross-warp barrier inside a block but the one that
 frees the stage slot for its refill. At D = 256 a thread holds two 128-coordinate halves of each
 of its tokens (packed columns c and c + 4), each dequantized and multiplied as a whole D = 128
-token is.
+token is; at D = 64 it holds half of one packed column (slots 16·(c // 2) .. + 15 of column
+c % 2, `_half_words`), and codes of 2 or 6 words per token are read as rows of two tokens (TMA
+rows are multiples of 16 bytes).
 
 * Dequantization by byte permutes, in registers, straight into the mma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
@@ -72,16 +74,19 @@ from tqjax import packing
 from tqjax.codebook import lloyd_max
 
 # 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block, per
-# head_dim. D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at
-# S = 32k and 128k on an H200 (twice the independent work between a block's shuffles and
-# barrier; 126 registers, 138 for prod keys). Three tiles: 3 % slower for K3/V3, 1 % faster for
-# prod keys; four: 8-9 % slower (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens
-# keep K3/V3 at 4 CTAs per SM in shared memory. D = 256 (twice the accumulator per thread), one:
-# 5 % faster than two for K3/V3 at S = 16k, 2-3 % for K4/V4 and prod keys (139-147 against
-# 169-186 registers); three stages instead of two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
-TILES = {64: 4, 128: 2, 256: 1}
+# head_dim (H200, pipelined same-run A/B).
+# * D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k
+#   and 128k (twice the independent work between a block's shuffles and barrier; 126 registers,
+#   138 for prod keys). Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
+#   (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM.
+# * D = 256 (twice the accumulator per thread), one: 5 % faster than two for K3/V3 at S = 16k,
+#   2-3 % for K4/V4 and prod keys (139-147 against 169-186 registers); three stages instead of
+#   two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
+# * D = 64, two: 107-126 registers (154-194 with four). Four against two: within the harness'
+#   noise for mse keys, 2-8 % slower for prod keys at S = 32k (two runs).
+TILES = {64: 2, 128: 2, 256: 1}
 STAGES = 2  # pipeline depth: blocks in flight per CTA
-HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u (64: `_half_words`)
+HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u (64: half of c % 2)
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
@@ -656,7 +661,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   (`_PAR`): offset (float32 bits), lo, hi, the rest zero (the kernel writes the scales:
   `_prepare_query`); kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for
   prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S'] and projections
-  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK, S' ≥ S: padded norms)
+  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK, even at D = 64,
+  S' ≥ S: padded norms)
   → acc [N, D, 8] f32
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
