@@ -192,6 +192,7 @@ def check_kernel(log) -> list[dict]:
       dict(d=128, kb=3, vb=3, var="prod", g=4, s=3001),
       dict(d=128, kb=2, vb=2, var="prod", g=8, s=1000, cap=30.0),
       dict(d=64, kb=4, vb=2, var="mse", g=16, s=777, nd="bfloat16"),
+      dict(d=64, kb=3, vb=3, var="mse", g=4, s=4133),
       dict(d=256, kb=3, vb=4, var="mse", g=2, s=2049, nd="float16", win=100),
       dict(d=256, kb=3, vb=3, var="prod", g=4, s=3001),
       dict(d=32, kb=2, vb=3, var="mse", g=1, s=513),

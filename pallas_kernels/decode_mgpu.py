@@ -19,9 +19,10 @@ rows are multiples of 16 bytes).
 
 * Dequantization by byte permutes, in registers, straight into the mma operand layout. After
   the random rotation any coordinate order is as good as any other, so the kernel picks the one
-  in which a thread's 32 coordinates of a token (the columns 8k + 2c + e it holds of an A
-  fragment, c = lane % 4) are exactly packed column w = c (`tqjax.packing`): the thread reads
-  its b words of the token and no data moves between threads. From them it builds selector
+  in which a thread's 32 coordinates of a token in a 128-coordinate half (the columns 8k + 2c + e
+  it holds of an A fragment, c = lane % 4) are exactly packed column c (`tqjax.packing`; at D = 64
+  16 coordinates, half of one): the thread reads its b words of the token and no data moves
+  between threads. From them it builds selector
   words holding four codes as nibbles (for 3 bits: the 2-bit fields at nibble positions come
   from one shift and mask; the 1-bit row is spread to even bits once per token), and each PTX
   `prmt` looks up four codes at once in a byte table held in registers: one for the low and one
@@ -29,19 +30,19 @@ rows are multiples of 16 bytes).
   interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the
   codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
   `prmt` + XOR.
-* Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, 128] · qᵀ in float16, 8 mma
-  k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
+* Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, D] · qᵀ in float16, D/16
+  mma k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
   their B fragments built once per CTA from the float32 rows of the rotation's output
   (`_prepare_query`; references `_float16_rows`, `q_fragments`); × q scale × key norms,
   + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching past S gets zeros
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
   row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
   S·q/(κ·m), × the residual norms.
-* Online softmax per warp: the max over its 32 tokens by three rounds of shuffles
+* Online softmax per warp: the max over its 16·TILES[D] tokens by three rounds of shuffles
   (`_warp_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
-* Values (`_value_dot`): V̂ [16, 128] of a tile is dequantized the same way (bfloat16), each 8×8 tile
+* Values (`_value_dot`): V̂ [16, D] of a tile is dequantized the same way (bfloat16), each 8×8 tile
   transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
-  into the B fragment; accᵀ [128, 8] += V̂ᵀ · p·‖v‖ by 8 mma (one per 16 columns), each warp
+  into the B fragment; accᵀ [D, 8] += V̂ᵀ · p·‖v‖ by D/16 mma (one per 16 columns), each warp
   into its own accumulator, rescaled only when the warp's max moved.
 * At the end the four warps' partials are merged: m and l by Pallas reductions, acc through
   shared memory (`_warp_sum`).
@@ -61,6 +62,7 @@ slots, D = 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens pe
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -211,8 +213,8 @@ def kernel_slots(bits: int, slots: int = 32) -> np.ndarray:
   """[slots]: the thread's operand column 8k + 2c + e holds slot kernel_slots[2k + e] of its
   packed column (slots = 16: of its half of one, numbered from 0)."""
   out = []
-  nwords = bits if slots == 32 else (bits + 1) // 2  # `_half_words`
-  for _, got in _selectors([np.uint32(0)] * nwords, bits, NumpyOps, slots):
+  words = [np.uint32(0)] * bits if slots == 32 else _half_words(lambda a, b: np.uint32(0), bits, 0, NumpyOps)
+  for _, got in _selectors(words, bits, NumpyOps, slots):
     out += got
   return np.asarray(out)
 
@@ -234,6 +236,8 @@ def kernel_perm(bits: int, d: int) -> np.ndarray:
   d ≥ 128: j = 128u + 8k + 2c + e (half u, thread column c) is slot `kernel_slots(bits)`[2k + e]
   of packed column 4u + c; d = 64: j = 8k + 2c + e is slot 16·(c // 2) + `kernel_slots(bits,
   16)`[2k + e] of packed column c % 2."""
+  if d not in HEAD_DIMS:
+    raise ValueError(f"head_dim={d} is not one of {HEAD_DIMS}")
   w = d // packing.WORD_BITS
   perm = np.empty(d, np.int64)
   if w < _QUAD:
@@ -335,7 +339,7 @@ def _tokens_per_row(words: int) -> int:
   """Tokens per TMA row of a code array with `words` uint32 words per token: rows (and the
   global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2 or 6 words per token are
   read as rows of two tokens (a free reshape)."""
-  return 4 // np.gcd(4, words)
+  return 4 // math.gcd(4, words)
 
 
 def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int):
@@ -420,7 +424,8 @@ def _warp_all(pred):
 
 
 def _key_dot(bits: int, tables, part: int, d: int):
-  """inline_mgpu function: (words ref [BK, b·W] uint32, qf ref [P, d/32, 32, 4] uint32) → [BK, 8]
+  """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref [P, d/32, 32, 4]
+  uint32) → [BK, 8]
   float32 (WGMMA layout): each of a warp's 16-token tiles of the block, expanded in float16 from
   `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by d/16 `mma.sync` (k = 16
   columns each). The A fragment of k-step 8u + j is the thread's pairs 2j and 2j + 1 of both its
@@ -446,9 +451,10 @@ def _key_dot(bits: int, tables, part: int, d: int):
       d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
       for u in range(max(1, d // 128)):
         pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
-        for j in range(len(pairs[0]) // 2):
+        steps = len(pairs[0]) // 2  # k-steps per half: 16 columns each
+        for j in range(steps):
           a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
-          step = 8 * u + j
+          step = steps * u + j
           chain = step % KEY_CHAINS
           d_acc[chain] = _mma("f16", a, [qw[2 * step], qw[2 * step + 1]], d_acc[chain])
       tot.append([functools.reduce(arith.addf, [x[e] for x in d_acc]) for e in range(4)])
@@ -458,7 +464,7 @@ def _key_dot(bits: int, tables, part: int, d: int):
 
 
 def _value_dot(bits: int, tables, d: int):
-  """inline_mgpu function: (words ref [BK, b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
+  """inline_mgpu function: (words ref [BK / f, f·b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
   acc [4·d, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
   warp w's accumulator of kernel column 16i + r: each warp sums its own tokens. For each of the
   warp's 16-token tiles, V̂ (bfloat16 from `tables`, one 128-coordinate half at a time) and pv are
@@ -574,10 +580,10 @@ def _prepare_query(parts):
   par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query;
   for prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order,
   rows ≥ R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its
-  reference) in kernel order (`kernel_perm(bits)`) and stores them as the B fragments that
+  reference) in kernel order (`kernel_perm(bits, D)`) and stores them as the B fragments that
   `q_fragments` lays out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or
-  "sqscale" (part 1). Lane 4g + c gathers coordinates W·slot + 4u + c of row g (`kernel_slots`,
-  halves u, W = D/32), exactly its own fragment words; the row max is a maximum over the 4 lanes of a row. Ends with
+  "sqscale" (part 1). Lane 4g + c gathers the coordinates `kernel_perm` gives its fragment words
+  (W·slot + 4u + c, halves u, W = D/32; at D = 64 W·(16·(c // 2) + slot) + c % 2) of row g; the row max is a maximum over the 4 lanes of a row. Ends with
   a warpgroup barrier."""
 
   @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
@@ -659,10 +665,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
                  num_splits, stages):
   """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 per row
   (`_PAR`): offset (float32 bits), lo, hi, the rest zero (the kernel writes the scales:
-  `_prepare_query`); kc [N, S, bk·W] u32, kn [N, S'], vc [N, S, bv·W] u32, vn [N, S'], and for
+  `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W] u32, vn [N, S'], and for
   prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S'] and projections
-  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK, even at D = 64,
-  S' ≥ S: padded norms)
+  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK and a multiple of the
+  code arrays' `_tokens_per_row`, S' ≥ S: padded norms)
   → acc [N, D, 8] f32
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
@@ -678,8 +684,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
-  w = d // packing.WORD_BITS
-  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * w), -1)  # free; S a multiple of 2 at D = 64
+  cols = d // packing.WORD_BITS
+  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * cols), -1)  # free
   kc, vc = as_rows(kc, k_bits), as_rows(vc, v_bits)
   ks = as_rows(ks, 1) if prod else None
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
@@ -923,10 +929,12 @@ def decode_partial(
   prod = kq.qjl is not None
   seq = cache.capacity
   bk = block_tokens(d)
-  # Tiny caches are padded to one block, and at D = 64 an odd capacity to an even one (the codes
-  # are read two tokens per row: `_tokens_per_row`); padding slots are never attended. Both copy
-  # the cache on every call.
-  padded = max(bk, seq + seq % 2 if d < 128 else seq)
+  # Tiny caches are padded to one block, and a capacity to a multiple of the tokens per TMA row of
+  # the code arrays (two for 1- and 3-bit rows at D = 64: `_tokens_per_row`); padding slots are
+  # never attended. Both copy the cache on every call.
+  w = d // packing.WORD_BITS
+  f = max(_tokens_per_row(b * w) for b in (k_bits, v_bits) + ((1,) if prod else ()))
+  padded = max(bk, int(pl.cdiv(seq, f)) * f)
   if padded > seq:
     pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 3))
     kc, kn, vc, vn, ks, kr = map(pad, (kc, kn, vc, vn, ks, kr))
