@@ -17,19 +17,18 @@ token is; at D = 64 it holds half of one packed column (slots 16·(c // 2) .. + 
 c % 2, `_half_words`), and codes of 2 or 6 words per token are read as rows of two tokens (TMA
 rows are multiples of 16 bytes).
 
-* Dequantization by byte permutes, in registers, straight into the mma operand layout. After
-  the random rotation any coordinate order is as good as any other, so the kernel picks the one
-  in which a thread's 32 coordinates of a token in a 128-coordinate half (the columns 8k + 2c + e
-  it holds of an A fragment, c = lane % 4) are exactly packed column c (`tqjax.packing`; at D = 64
-  16 coordinates, half of one): the thread reads its b words of the token and no data moves
-  between threads. From them it builds selector
-  words holding four codes as nibbles (for 3 bits: the 2-bit fields at nibble positions come
-  from one shift and mask; the 1-bit row is spread to even bits once per token), and each PTX
-  `prmt` looks up four codes at once in a byte table held in registers: one for the low and one
-  for the high bytes of the 16-bit centroids (float16 for keys, bfloat16 for values), two more
-  interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit codes use the
-  codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped by a third
-  `prmt` + XOR.
+* Dequantization by byte permutes, in registers, straight into the mma operand layout. After the
+  random rotation any coordinate order is as good as any other, so the kernel picks the one in which
+  a thread's 32 coordinates of a token in a 128-coordinate half (the columns 8k + 2c + e it holds of
+  an A fragment, c = lane % 4) are exactly packed column c (`tqjax.packing`; at D = 64 16
+  coordinates, half of one): the thread reads its b words of the token and no data moves between
+  threads. From them it builds selector words holding four codes as nibbles (for 3 bits: the 2-bit
+  fields at nibble positions come from one shift and mask; the 1-bit row is spread to even bits once
+  per token), and each PTX `prmt` looks up four codes at once in a byte table held in registers: one
+  for the low and one for the high bytes of the 16-bit centroids (float16 for keys, bfloat16 for
+  values), two more interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit
+  codes use the codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped
+  by a third `prmt` + XOR.
 * Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, D] · qᵀ in float16, D/16
   mma k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
   their B fragments built once per CTA from the float32 rows of the rotation's output
@@ -56,7 +55,7 @@ rows are multiples of 16 bytes).
 Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-10).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
-slots, D = 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens per block.
+slots, D = 64, 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens per block.
 """
 
 from __future__ import annotations
@@ -424,12 +423,11 @@ def _warp_all(pred):
 
 
 def _key_dot(bits: int, tables, part: int, d: int):
-  """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref [P, d/32, 32, 4]
-  uint32) → [BK, 8]
-  float32 (WGMMA layout): each of a warp's 16-token tiles of the block, expanded in float16 from
-  `tables`, times qᵀ, the float16 B fragments qf[part] (`q_fragments`), by d/16 `mma.sync` (k = 16
-  columns each). The A fragment of k-step 8u + j is the thread's pairs 2j and 2j + 1 of both its
-  tokens of the tile in half u."""
+  """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref
+  [P, d/32, 32, 4] uint32) → [BK, 8] float32 (WGMMA layout): each of a warp's 16-token tiles of
+  the block, expanded in float16 from `tables`, times qᵀ, the float16 B fragments qf[part]
+  (`q_fragments`), by d/16 `mma.sync` (k = 16 columns each). The A fragment of k-step j of half u
+  is the thread's pairs 2j and 2j + 1 of both its tokens of the tile in that half."""
   bk = block_tokens(d)
 
   @plgpu.inline_mgpu(
@@ -577,14 +575,14 @@ def _warp_sum(d: int):
 
 def _prepare_query(parts):
   """inline_mgpu function: (q refs [R, D] float32 (one per part), qf ref [P, D/32, 32, 4] uint32,
-  par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query;
-  for prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order,
-  rows ≥ R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its
-  reference) in kernel order (`kernel_perm(bits, D)`) and stores them as the B fragments that
-  `q_fragments` lays out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or
-  "sqscale" (part 1). Lane 4g + c gathers the coordinates `kernel_perm` gives its fragment words
-  (W·slot + 4u + c, halves u, W = D/32; at D = 64 W·(16·(c // 2) + slot) + c % 2) of row g; the row max is a maximum over the 4 lanes of a row. Ends with
-  a warpgroup barrier."""
+  par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query; for
+  prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order, rows ≥
+  R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its reference) in
+  kernel order (`kernel_perm(bits, D)`) and stores them as the B fragments that `q_fragments` lays
+  out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or "sqscale" (part 1). Lane
+  4g + c gathers the coordinates `kernel_perm` gives its fragment words (W·slot + 4u + c, halves u,
+  W = D/32; at D = 64 W·(16·(c // 2) + slot) + c % 2) of row g; the row max is a maximum over the 4
+  lanes of a row. Ends with a warpgroup barrier."""
 
   @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
   def prepare(ctx, q_refs, qf_ref, par_ref):
@@ -684,8 +682,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
-  cols = d // packing.WORD_BITS
-  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * cols), -1)  # free
+  packed_cols = d // packing.WORD_BITS
+  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * packed_cols), -1)  # free
   kc, vc = as_rows(kc, k_bits), as_rows(vc, v_bits)
   ks = as_rows(ks, 1) if prod else None
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())

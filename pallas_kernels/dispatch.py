@@ -49,7 +49,8 @@ def default_implementation(cache) -> str:
 
 def _mosaic_decode(cache, rows: int) -> bool:
   """Whether `decode_mgpu` (faster than the Triton kernel) takes this decode: Hopper, and a cache
-  and G·T `rows` per kv head it supports (mse or prod keys, mse values, head_dim 64, 128 or 256, rows ≤ 8)."""
+  and G·T `rows` per kv head it supports (mse or prod keys, mse values, head_dim 64, 128 or 256,
+  rows ≤ 8)."""
   from pallas_kernels import decode_mgpu  # noqa: PLC0415
 
   return _is_hopper() and rows <= decode_mgpu.MAX_ROWS and decode_mgpu.supported(cache)[0]
@@ -82,8 +83,9 @@ def attention(
   """Decode attention through the fused kernel → [B, Hq, D]; same semantics as `tqjax.cache.attention`.
 
   On a Hopper GPU `decode_mgpu` (Mosaic GPU) runs where it applies (mse or prod keys, mse
-  values, head_dim 64, 128 or 256, ≤ 8 query heads per kv head) and no kernel_options are given; otherwise
-  `decode_attention_gpu` (Triton), which kernel_options (block_k, dot_dtype, ...) configure.
+  values, head_dim 64, 128 or 256, ≤ 8 query heads per kv head) and no kernel_options are given;
+  otherwise `decode_attention_gpu` (Triton), which kernel_options (block_k, dot_dtype, ...)
+  configure.
   interpret=True runs the Triton kernel in Pallas interpret mode (any backend, for tests).
   Raises ValueError (naming the reason) when no kernel supports this cache here.
   """

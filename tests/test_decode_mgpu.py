@@ -265,7 +265,8 @@ def _check_case(case, decode_partial):
 def _prepared_rows(q, bits, coef=1.0):
   """The reference of `M._prepare_query` for one part: q [N, R, D] float32 (natural order) →
   (float16 rows in kernel order padded to 8, as float32 [N, 8, D], scales [N, 8])."""
-  q = jnp.pad(q[..., M.kernel_perm(bits, q.shape[-1])] * jnp.float32(coef), [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
+  q = q[..., M.kernel_perm(bits, q.shape[-1])] * jnp.float32(coef)
+  q = jnp.pad(q, [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
   q16, scale = M._float16_rows(q)
   return q16.astype(jnp.float32), scale
 
