@@ -381,8 +381,9 @@ def test_gpu_prepare_query_is_float16_rows_and_q_fragments(d):
 @pytest.mark.parametrize("stages", [1, 3, 6])
 def test_gpu_pipeline_depths(stages):
   """One stage (each slot refilled right after its block), one more than the default and more
-  stages than a split has blocks: the same results (a prod and an mse case)."""
-  for case in (GPU_CASES[0], GPU_CASES[6]):
+  stages than a split has blocks: the same results (an mse and a prod case at D = 128, a D = 256
+  case, and a D = 64 prod case whose streams have 64- and 128-row stages)."""
+  for case in (GPU_CASES[0], GPU_CASES[6], GPU_CASES[9], GPU_CASES[15]):
     _check_case(case, functools.partial(M.decode_partial, stages=stages))
 
 
