@@ -334,11 +334,16 @@ def _ptx():
   return ir, arith, memref, vector, mgpu_utils, fa
 
 
-def _tokens_per_row(words: int) -> int:
-  """Tokens per TMA row of a code array with `words` uint32 words per token: rows (and the
-  global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2 or 6 words per token are
-  read as rows of two tokens (a free reshape)."""
-  return 4 // math.gcd(4, words)
+def _tokens_per_row(bits: int, d: int) -> int:
+  """Tokens per TMA row of a `bits`-row code array at head_dim d (b·d/32 uint32 words per token):
+  rows (and the global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2 or 6 words
+  per token are read as rows of two tokens (a free reshape)."""
+  return 4 // math.gcd(4, bits * d // packing.WORD_BITS)
+
+
+def _halves(d: int) -> int:
+  """128-coordinate halves of a thread's token (one at D = 64, where it holds half of one)."""
+  return max(1, d // 128)
 
 
 def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int):
@@ -447,7 +452,7 @@ def _key_dot(bits: int, tables, part: int, d: int):
     tot = []
     for tile in range(TILES[d]):
       d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
-      for u in range(max(1, d // 128)):
+      for u in range(_halves(d)):
         pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # k-steps per half: 16 columns each
         for j in range(steps):
@@ -494,7 +499,7 @@ def _value_dot(bits: int, tables, d: int):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
     out = [list(branch.results)[4 * i:4 * i + 4] for i in range(d // 16)]
     for tile in range(TILES[d]):
-      for u in range(max(1, d // 128)):
+      for u in range(_halves(d)):
         pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # mma per half: 16 columns each
         # vt[h][k]: column 128u + 8k + t / 4, tokens 8h + 2(t % 4) of the tile
@@ -611,7 +616,7 @@ def _prepare_query(parts):
           base = arith.addi(arith.andi(c, ops.const(1)), arith.muli(arith.shrui(c, ops.const(1)), ops.const(16 * w)))
           slots = kernel_slots(bits, 16)
         x = []
-        for u in range(max(1, d // 128)):
+        for u in range(_halves(d)):
           for slot in slots:
             v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(w * int(slot) + _QUAD * u)))])
             if coef != 1.0:
@@ -682,8 +687,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
-  packed_cols = d // packing.WORD_BITS
-  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b * packed_cols), -1)  # free
+  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b, d), -1)  # free
   kc, vc = as_rows(kc, k_bits), as_rows(vc, v_bits)
   ks = as_rows(ks, 1) if prod else None
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
@@ -930,8 +934,7 @@ def decode_partial(
   # Tiny caches are padded to one block, and a capacity to a multiple of the tokens per TMA row of
   # the code arrays (two for 1- and 3-bit rows at D = 64: `_tokens_per_row`); padding slots are
   # never attended. Both copy the cache on every call.
-  w = d // packing.WORD_BITS
-  f = max(_tokens_per_row(b * w) for b in (k_bits, v_bits) + ((1,) if prod else ()))
+  f = max(_tokens_per_row(b, d) for b in (k_bits, v_bits) + ((1,) if prod else ()))
   padded = max(bk, int(pl.cdiv(seq, f)) * f)
   if padded > seq:
     pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 3))

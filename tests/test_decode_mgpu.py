@@ -277,10 +277,10 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
   del num_splits, stages
   seq, d = kc.shape[1], q.shape[2]
-  w = d // packing.WORD_BITS  # the wrapper's padding meets the kernel's preconditions:
+  # the wrapper's padding meets the kernel's preconditions:
   assert seq >= M.block_tokens(d) and kn.shape[1] % 8 == 0 and vn.shape[1] % 8 == 0  # a block, 16-byte rows
   for x, bits in ((kc, k_bits), (vc, v_bits)) + (((ks, 1),) if ks is not None else ()):
-    assert x.shape[1] == seq and seq % M._tokens_per_row(bits * w) == 0  # whole TMA rows of tokens
+    assert x.shape[1] == seq and seq % M._tokens_per_row(bits, d) == 0  # whole TMA rows of tokens
   row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
   assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
   q, qscale = _prepared_rows(q, k_bits)
