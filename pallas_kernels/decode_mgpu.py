@@ -14,8 +14,9 @@ barrier). Each of its four warps owns `TILES[D]` 16-token tiles of every block (
 frees the stage slot for its refill. At D = 256 a thread holds two 128-coordinate halves of each
 of its tokens (packed columns c and c + 4), each dequantized and multiplied as a whole D = 128
 token is; at D = 64 it holds half of one packed column (slots 16·(c // 2) .. + 15 of column
-c % 2, `_half_words`), and codes of 2 or 6 words per token are read as rows of two tokens (TMA
-rows are multiples of 16 bytes).
+c % 2, `_half_words`). Code arrays are read as TMA rows of up to eight tokens
+(`_tokens_per_row`: narrow rows stream slowly; rows are multiples of 16 bytes, so at D = 64 codes
+of 2 or 6 words per token need at least two).
 
 * Dequantization by byte permutes, in registers, straight into the mma operand layout. After the
   random rotation any coordinate order is as good as any other, so the kernel picks the one in which
@@ -91,7 +92,12 @@ HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coo
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
-_PAR = ("offset", "qscale", "lo", "hi", "sqscale", None, None, None)  # the rows of par (8 · 4 bytes each)
+# The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
+# bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel reads the tables
+# from here rather than as constants: ptxas then keeps them in registers, where as constants it
+# re-materialized one per `prmt` (129 `IMAD.U32` per block and warp for K3/V3 at D = 128, 12 % of
+# the loop's instructions; 1.5-2 % faster for K4/V4 and prod keys, neutral for K3/V3).
+_PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", None)
 _MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
 BITS = (1, 2, 3, 4)
 _QUAD = 4  # lanes of an mma fragment's column quad: the packed columns of a 128-coordinate half
@@ -186,7 +192,7 @@ def _selectors(words, bits: int, ops, slots: int = 32):
 
 def _lookup(sel, tables, ops):
   """Two bf16 pairs (as uint32) of the 4 low nibbles of `sel` (see `_selectors`)."""
-  l0, l1, h0, h1 = (ops.const(t) for t in tables)
+  l0, l1, h0, h1 = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
   if isinstance(sel, tuple):  # 4 bits: magnitude, then the sign by XOR on the high bytes
     idx, neg = sel
     lo, hi = ops.prmt(l0, l1, idx), ops.prmt(h0, h1, idx)
@@ -334,11 +340,21 @@ def _ptx():
   return ir, arith, memref, vector, mgpu_utils, fa
 
 
-def _tokens_per_row(bits: int, d: int) -> int:
-  """Tokens per TMA row of a `bits`-row code array at head_dim d (b·d/32 uint32 words per token):
-  rows (and the global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2 or 6 words
-  per token are read as rows of two tokens (a free reshape)."""
+def _min_tokens_per_row(bits: int, d: int) -> int:
+  """The fewest tokens per TMA row of a `bits`-row code array at head_dim d (b·d/32 uint32 words
+  per token): rows (and the global stride) must be a multiple of 16 bytes, so D = 64 arrays of 2
+  or 6 words per token need two tokens per row. The capacity must be a multiple of it."""
   return 4 // math.gcd(4, bits * d // packing.WORD_BITS)
+
+
+def _tokens_per_row(bits: int, d: int, seq: int) -> int:
+  """Tokens per TMA row (a free reshape of the code array) over a capacity of seq slots: the most of
+  8, 4, 2, 1 that divides seq and is at least `_min_tokens_per_row`. TMA streams narrow rows
+  slowly: with one token per row (48 bytes for K3/V3 at D = 128) the kernel's loads alone, every
+  computation left out, took 74 µs at S = 32k, B·K = 64 on an H200 (210 MB: 2.8 TB/s); with
+  eight (384 bytes) 54 µs (3.9 TB/s, 92 % of the copy bandwidth)."""
+  need = _min_tokens_per_row(bits, d)
+  return next(f for f in (8, 4, 2, 1) if f >= need and seq % f == 0)
 
 
 def _halves(d: int) -> int:
@@ -427,23 +443,25 @@ def _warp_all(pred):
   return arith.cmpi(arith.CmpIPredicate.ne, all_, arith.constant(i32, 0))
 
 
-def _key_dot(bits: int, tables, part: int, d: int):
+def _key_dot(bits: int, tables: tuple[str, int], part: int, d: int):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref
-  [P, d/32, 32, 4] uint32) → [BK, 8] float32 (WGMMA layout): each of a warp's 16-token tiles of
-  the block, expanded in float16 from `tables`, times qᵀ, the float16 B fragments qf[part]
+  [P, d/32, 32, 4] uint32, par ref [8, 8] int32) → [BK, 8] float32 (WGMMA layout): each of a
+  warp's 16-token tiles of the block, expanded in float16 from the byte tables at `tables` (par
+  row name, first word: `_load_tables`), times qᵀ, the float16 B fragments qf[part]
   (`q_fragments`), by d/16 `mma.sync` (k = 16 columns each). The A fragment of k-step j of half u
   is the thread's pairs 2j and 2j + 1 of both its tokens of the tile in that half."""
   bk = block_tokens(d)
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(), plgpu.RefType()),
+      arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
       return_type=plgpu.ShapeDtypeStruct((bk, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
   )
-  def dot(ctx, words_ref, qf_ref):
+  def dot(ctx, words_ref, qf_ref, par_ref):
     del ctx
     ir, arith, _, vector, mgpu_utils, _ = _ptx()
     ops = _MlirOps()
     index, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
+    tab = _load_tables(par_ref, *tables)
     lane = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), ops.const(32)))
     at = lambda i: arith.constant(index, i)
     qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(d // 32)]
@@ -453,7 +471,7 @@ def _key_dot(bits: int, tables, part: int, d: int):
     for tile in range(TILES[d]):
       d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
       for u in range(_halves(d)):
-        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
+        pairs = _token_pairs(words_ref, bits, tab, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # k-steps per half: 16 columns each
         for j in range(steps):
           a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
@@ -466,26 +484,41 @@ def _key_dot(bits: int, tables, part: int, d: int):
   return dot
 
 
-def _value_dot(bits: int, tables, d: int):
+def _load_tables(par_ref, name: str, first: int):
+  """The four words of a byte table (`table_words`) from par row `name`, words first .. first + 3."""
+  ir, arith, memref, *_ = _ptx()
+  at = lambda i: arith.constant(ir.IndexType.get(), i)
+  return [memref.load(par_ref, [at(_PAR.index(name)), at(first + i)]) for i in range(4)]
+
+
+def par_tables(k_bits: int, v_bits: int, d: int) -> np.ndarray:
+  """[2, 8] int32: par rows "tables" (key float16, value bfloat16 byte tables) and "signs"."""
+  words = lambda ws: np.asarray(ws, np.uint32).view(np.int32)
+  tables = words(byte_tables(k_bits, np.float16, d) + byte_tables(v_bits, ml_dtypes.bfloat16, d))
+  return np.stack([tables, np.pad(words(SIGN_TABLE), (0, 4))])
+
+
+def _value_dot(bits: int, tables: tuple[str, int], d: int):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
-  acc [4·d, 8] f32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
+  acc [4·d, 8] f32, par ref [8, 8] int32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
   warp w's accumulator of kernel column 16i + r: each warp sums its own tokens. For each of the
-  warp's 16-token tiles, V̂ (bfloat16 from `tables`, one 128-coordinate half at a time) and pv are
+  warp's 16-token tiles, V̂ (bfloat16 from the byte tables at `tables`, one 128-coordinate half at a time) and pv are
   transposed in registers (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and
   the B fragment of pv [16 tokens, 8 rows]: d/16 `mma.sync`, one per 16 columns. corr: the warp's
   rescaling of its accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
+      arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
       return_type=plgpu.ShapeDtypeStruct((4 * d, MAX_ROWS), jnp.float32, layout=plgpu.Layout.WGMMA),
   )
-  def dot(ctx, words_ref, pv, corr, acc):
+  def dot(ctx, words_ref, pv, corr, acc, par_ref):
     del ctx
     ir, arith, *_, mgpu_utils, _ = _ptx()
     from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
     ops = _MlirOps()
     i32 = ir.IntegerType.get_signless(32)
+    tab = _load_tables(par_ref, *tables)
     cr = _elems(corr, 0, 0)
     old = [x for i in range(d // 16) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
     # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
@@ -500,7 +533,7 @@ def _value_dot(bits: int, tables, d: int):
     out = [list(branch.results)[4 * i:4 * i + 4] for i in range(d // 16)]
     for tile in range(TILES[d]):
       for u in range(_halves(d)):
-        pairs = _token_pairs(words_ref, bits, tables, ops, tile, u, d)
+        pairs = _token_pairs(words_ref, bits, tab, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # mma per half: 16 columns each
         # vt[h][k]: column 128u + 8k + t / 4, tokens 8h + 2(t % 4) of the tile
         vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
@@ -666,12 +699,12 @@ def _thread_coords(ops):
 
 def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
                  num_splits, stages):
-  """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 per row
-  (`_PAR`): offset (float32 bits), lo, hi, the rest zero (the kernel writes the scales:
-  `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W] u32, vn [N, S'], and for
+  """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 (`_PAR`):
+  per row offset (float32 bits), lo, hi; the byte tables (`par_tables`); the rest zero (the kernel
+  writes the scales: `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W] u32, vn [N, S'], and for
   prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S'] and projections
   sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK and a multiple of the
-  code arrays' `_tokens_per_row`, S' ≥ S: padded norms)
+  code arrays' `_min_tokens_per_row`, S' ≥ S: padded norms)
   → acc [N, D, 8] f32
   (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
   of 128 bytes), the splits merged."""
@@ -682,12 +715,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
   prod = ks is not None
-  key_dot = _key_dot(k_bits, byte_tables(k_bits, np.float16, d), 0, d)
-  sign_dot = _key_dot(1, SIGN_TABLE, 1, d)
-  value_dot = _value_dot(v_bits, byte_tables(v_bits, ml_dtypes.bfloat16, d), d)
+  key_dot = _key_dot(k_bits, ("tables", 0), 0, d)
+  sign_dot = _key_dot(1, ("signs", 0), 1, d)
+  value_dot = _value_dot(v_bits, ("tables", 4), d)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
-  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b, d), -1)  # free
+  as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b, d, seq), -1)  # free
   kc, vc = as_rows(kc, k_bits), as_rows(vc, v_bits)
   ks = as_rows(ks, 1) if prod else None
   inputs = (q, par, kc, kn, vc, vn) + ((ks, kr, sq) if prod else ())
@@ -721,7 +754,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       pl.when(i < steps)(functools.partial(fetch, i, i))
     plgpu.barrier_wait(q_bar.at[0])
     prepare_query(tuple(query_smem), qf_smem, par_smem)
-    par = {name: plgpu.load(par_smem.at[i], layout=L.WGMMA.reduce(0)) for i, name in enumerate(_PAR) if name}
+    par = {name: plgpu.load(par_smem.at[i], layout=L.WGMMA.reduce(0)) for i, name in enumerate(_PAR)
+           if name in ("offset", "qscale", "lo", "hi", "sqscale")}
     f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
     offset, qscale, lo, hi, sqscale = (f32(par["offset"]), f32(par["qscale"]), par["lo"], par["hi"],
                                        f32(par["sqscale"]))
@@ -733,10 +767,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
 
     def logits(slot):
       """[BK, R] float32 q·k̂ (+ the QJL estimate of q·r for prod keys), before the key norms."""
-      s = key_dot(kc_smem.at[slot], qf_smem) * col(qscale)
+      s = key_dot(kc_smem.at[slot], qf_smem, par_smem) * col(qscale)
       if not prod:
         return s
-      return s + sign_dot(stage_smem[4].at[slot], qf_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
+      return s + sign_dot(stage_smem[4].at[slot], qf_smem, par_smem) * col(sqscale) * row(norm(stage_smem[5], slot))
 
     def step(i, carry):
       """One block: each warp runs its own online softmax over its tokens (m [BK, R] is the
@@ -757,7 +791,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
       lpart = lpart * corr + p
       pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
-      acc = value_dot(vc_smem.at[slot], pv.astype(jnp.bfloat16), corr, acc)
+      acc = value_dot(vc_smem.at[slot], pv.astype(jnp.bfloat16), corr, acc, par_smem)
       plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
       pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
       return acc, m_new, lpart
@@ -932,9 +966,9 @@ def decode_partial(
   seq = cache.capacity
   bk = block_tokens(d)
   # Tiny caches are padded to one block, and a capacity to a multiple of the tokens per TMA row of
-  # the code arrays (two for 1- and 3-bit rows at D = 64: `_tokens_per_row`); padding slots are
+  # the code arrays (two for 1- and 3-bit rows at D = 64: `_min_tokens_per_row`); padding slots are
   # never attended. Both copy the cache on every call.
-  f = max(_tokens_per_row(b, d) for b in (k_bits, v_bits) + ((1,) if prod else ()))
+  f = max(_min_tokens_per_row(b, d) for b in (k_bits, v_bits) + ((1,) if prod else ()))
   padded = max(bk, int(pl.cdiv(seq, f)) * f)
   if padded > seq:
     pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, padded - seq)] + [(0, 0)] * (x.ndim - 3))
@@ -954,7 +988,9 @@ def decode_partial(
   flat_q = lambda x: x.astype(jnp.float32).reshape(n, rows, d)  # free: the rotation's output
   f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
-  par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0)}
+  tables = dict(zip(("tables", "signs"), par_tables(k_bits, v_bits, d)))
+  tables = {name: jnp.broadcast_to(x, (n, MAX_ROWS)) for name, x in tables.items()}
+  par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0), **tables}
   zeros = jnp.zeros((n, MAX_ROWS), jnp.int32)  # padded rows attend nothing
   par = jnp.stack([par.get(name, zeros) for name in _PAR], axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
   qjl = (flat(ks), norms(kr), flat_q(pq.sq[0])) if prod else ()

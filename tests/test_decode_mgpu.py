@@ -280,8 +280,10 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   # the wrapper's padding meets the kernel's preconditions:
   assert seq >= M.block_tokens(d) and kn.shape[1] % 8 == 0 and vn.shape[1] % 8 == 0  # a block, 16-byte rows
   for x, bits in ((kc, k_bits), (vc, v_bits)) + (((ks, 1),) if ks is not None else ()):
-    assert x.shape[1] == seq and seq % M._tokens_per_row(bits, d) == 0  # whole TMA rows of tokens
+    assert x.shape[1] == seq and seq % M._min_tokens_per_row(bits, d) == 0  # whole TMA rows of tokens
   row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
+  np.testing.assert_array_equal(np.stack([row("tables"), row("signs")], 1), np.broadcast_to(  # the byte tables
+      M.par_tables(k_bits, v_bits, d), (par.shape[0], 2, 8)))
   assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
   q, qscale = _prepared_rows(q, k_bits)
   offset, lo, hi = lax.bitcast_convert_type(row("offset"), jnp.float32), row("lo"), row("hi")
