@@ -403,3 +403,30 @@ def test_gpu_default_attention_is_the_mosaic_kernel(d):
   got = np.asarray(dispatch.attention(cache, q))
   want = np.asarray(C.attention(cache, q, implementation="xla"))
   assert np.linalg.norm(got - want) < TOL * np.linalg.norm(want)
+
+
+@pytest.mark.math
+def test_kernel_time_harness():
+  """experiments/kernel_time.py: ncu's launches map to (variant, config) in the order its child runs
+  them (rounds, variants, configs, reps), in µs from any unit; a variant sets module attributes
+  from the defaults, and an unknown one is refused."""
+  from experiments import kernel_time as KT  # noqa: PLC0415
+
+  values = [("us", "1.5"), ("ns", "2,500"), ("us", "3.0"), ("us", "4.0"),
+            ("us", "5.0"), ("us", "6.0"), ("ms", "0.007"), ("us", "8.0")]
+  report = "".join(f"  tq_decode_mgpu_mosaic_gpu_kernel (16, 64, 1)x(128, 1, 1)\n"
+                   f"    gpu__time_duration.sum   {u}   {v}\n" for u, v in values)
+  got = KT.parse(report, [{}, {"STAGES": 3}], ["K3/V3"], 2)
+  np.testing.assert_allclose(got[0, "K3/V3"], [1.5, 2.5, 5.0, 6.0])
+  np.testing.assert_allclose(got[1, "K3/V3"], [3.0, 4.0, 7.0, 8.0])
+  with pytest.raises(RuntimeError, match="expected 12"):
+    KT.parse(report, [{}, {}, {}], ["K3/V3"], 2)
+  try:
+    KT.apply({"STAGES": 3, "num_splits": 5})
+    assert M.STAGES == 3 and M.default_num_splits(64, 32768, 128) == 5
+    KT.apply({})
+    assert M.STAGES == KT.DEFAULTS["STAGES"] and M.default_num_splits is KT.DEFAULTS["default_num_splits"]
+    with pytest.raises(ValueError, match="FOO"):
+      KT.apply({"FOO": 1})
+  finally:
+    KT.apply({})

@@ -1,0 +1,141 @@
+"""Kernel-only time of Mosaic GPU decode variants (`pallas_kernels.decode_mgpu`), by Nsight Compute.
+
+  PYTHONPATH=. python experiments/kernel_time.py                       # the defaults, K3/V3 K4/V4 K3prod/V3
+  PYTHONPATH=. python experiments/kernel_time.py --variants '[{}, {"STAGES": 3}, {"num_splits": 8}]'
+  PYTHONPATH=. python experiments/kernel_time.py --check ...           # each variant vs the XLA reference
+
+A variant is a dict of `decode_mgpu` module attributes to set (STAGES, TILES, KEY_CHAINS, ...) and
+optionally "num_splits" (replaces `default_num_splits`). The script runs itself under
+`ncu --metrics gpu__time_duration.sum -k regex:tq_decode` (clocks left alone), which times every
+launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
+Launches of one variant move by about ±1 µs, against ±3 µs or more per call in bench_decode.py's
+pipelined timing. Every variant runs `--reps` times in each of two rounds (variants interleaved);
+the table gives min / median µs. Shape: B = 8, Hq = 32, Hkv = 8, --head-dim, --seq (default the
+issue's S = 32k). Writes experiments/results/kernel_time_<device>_<date>.md.
+
+Nsight Compute crashed (segfault at "Connected to process") in about half of the first runs on a
+freshly started machine and with `--csv` or `launch__*` metrics; this form ran. With --check the
+variants are compared with the float32 XLA reference (bench_decode.check_case) instead, no ncu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_decode import CONFIGS, check_case, random_cache  # noqa: E402
+from pallas_kernels import decode_mgpu as M  # noqa: E402
+from pallas_kernels import dispatch  # noqa: E402
+from tqjax import cache as C  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROUNDS = 2
+UNITS = {"ns": 1e-3, "us": 1.0, "ms": 1e3}
+DEFAULTS = {name: getattr(M, name) for name in ("STAGES", "TILES", "KEY_CHAINS", "MERGE_UNROLL", "default_num_splits")}
+
+
+def apply(variant: dict) -> None:
+  """Sets a variant's module attributes (from the defaults) and drops compiled kernels."""
+  for name, value in DEFAULTS.items():
+    setattr(M, name, value)
+  for name, value in variant.items():
+    if name == "num_splits":
+      M.default_num_splits = lambda *args, n=value, **kw: n
+    elif name in DEFAULTS:
+      setattr(M, name, value)
+    else:
+      raise ValueError(f"unknown variant attribute {name!r} (one of {sorted(DEFAULTS)} or num_splits)")
+  jax.clear_caches()
+
+
+def child(args, variants: list[dict]) -> None:
+  """Under ncu: ROUNDS × variants × configs × reps decode calls, in the order `parse` expects."""
+  b, hq, kh = 8, 32, 8
+  caches = {c: random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
+            for c in args.configs}
+  q = jax.random.normal(jax.random.key(0), (b, hq, args.head_dim), jnp.float32)
+  for _ in range(ROUNDS):
+    for variant in variants:
+      apply(variant)
+      for c in args.configs:
+        f = jax.jit(lambda cache, q: dispatch.attention(cache, q))
+        for _ in range(args.reps):
+          jax.block_until_ready(f(caches[c], q))
+
+
+def parse(text: str, variants: list[dict], configs: list[str], reps: int) -> dict:
+  """{(variant index, config): [µs per launch]} from ncu's report, launches in `child`'s order."""
+  durations = [float(v.replace(",", "")) * UNITS[u]
+               for u, v in re.findall(r"gpu__time_duration\.sum\s+(\w+)\s+([\d.,]+)", text)]
+  want = ROUNDS * len(variants) * len(configs) * reps
+  if len(durations) != want:
+    raise RuntimeError(f"ncu reported {len(durations)} decode launches, expected {want}:\n{text[-3000:]}")
+  out, it = {}, iter(durations)
+  for _ in range(ROUNDS):
+    for i in range(len(variants)):
+      for c in configs:
+        out.setdefault((i, c), []).extend(next(it) for _ in range(reps))
+  return out
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--variants", default="[{}]", help="a Python literal list of dicts (see above)")
+  ap.add_argument("--configs", default="K3/V3,K4/V4,K3prod/V3")
+  ap.add_argument("--head-dim", type=int, default=128)
+  ap.add_argument("--seq", type=int, default=32768)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--check", action="store_true", help="compare each variant with the reference, no timing")
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--out", default=str(RESULTS))
+  args = ap.parse_args(argv)
+  args.configs = args.configs.split(",")
+  variants = ast.literal_eval(args.variants)
+  if args.child:
+    return child(args, variants)
+  if args.check:
+    for i, variant in enumerate(variants):
+      apply(variant)
+      for c in args.configs:
+        opts = CONFIGS[c]
+        case = dict(d=args.head_dim, kb=opts["k_bits"], vb=opts["v_bits"], var=opts["k_variant"], g=4, s=3001)
+        err, nan = check_case(case, 3)
+        print(f"variant {i} {variant} {c}: rel err {err:.2e}, NaN {nan}", flush=True)
+    return
+  cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "-k", "regex:tq_decode",
+         sys.executable, __file__, "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
+         "--head-dim", str(args.head_dim), "--seq", str(args.seq), "--reps", str(args.reps)]
+  run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if run.returncode:
+    raise RuntimeError(f"ncu exited with {run.returncode}:\n{(run.stdout + run.stderr)[-3000:]}")
+  times = parse(run.stdout, variants, args.configs, args.reps)
+  dev = jax.devices()[0].device_kind
+  date = datetime.date.today().isoformat()
+  md = [f"# Decode kernel time (Nsight Compute) — {dev}, {date}", "",
+        f"jax {jax.__version__}; B = 8, Hq = 32, Hkv = 8, D = {args.head_dim}, S = {args.seq}; "
+        f"{ROUNDS} × {args.reps} launches per row; µs of the decode kernel alone.", "",
+        "| variant | config | min µs | median µs |", "| --- | --- | ---: | ---: |"]
+  for (i, c), ts in sorted(times.items()):
+    md.append(f"| {variants[i] or 'defaults'} | {c} | {min(ts):.1f} | {statistics.median(ts):.1f} |")
+  text = "\n".join(md) + "\n"
+  print(text)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"kernel_time_{dev.replace(' ', '_')}_{date}.md"
+  path.write_text(text)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
