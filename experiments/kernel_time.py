@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python experiments/kernel_time.py                       # the defaults, K3/V3 K4/V4 K3prod/V3
   PYTHONPATH=. python experiments/kernel_time.py --variants '[{}, {"STAGES": 3}, {"num_splits": 8}]'
+  PYTHONPATH=. python experiments/kernel_time.py --metrics stalls      # + why warps stall (see STALLS)
   PYTHONPATH=. python experiments/kernel_time.py --check ...           # each variant vs the XLA reference
 
 A variant is a dict of `decode_mgpu` module attributes to set (STAGES, TILES, KEY_CHAINS, ...) and
@@ -10,7 +11,9 @@ optionally "num_splits" (replaces `default_num_splits`). The script runs itself 
 launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
 Launches of one variant move by about ±1 µs, against ±3 µs or more per call in bench_decode.py's
 pipelined timing. Every variant runs `--reps` times in each of two rounds (variants interleaved);
-the table gives min / median µs. Shape: B = 8, Hq = 32, Hkv = 8, --head-dim, --seq (default the
+the table gives min / median µs, and the median of each extra metric (--metrics: ncu metric
+names, or "stalls" for STALLS: warps stalled per issued instruction, by reason, and the issue
+rate; extra metrics replay each launch, which the duration does not mind). Shape: B = 8, Hq = 32, Hkv = 8, --head-dim, --seq (default the
 issue's S = 32k). Writes experiments/results/kernel_time_<device>_<date>.md.
 
 Nsight Compute crashed (segfault at "Connected to process") in about half of the first runs on a
@@ -42,6 +45,12 @@ from tqjax import cache as C  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 2
 UNITS = {"ns": 1e-3, "us": 1.0, "ms": 1e3}
+DURATION = "gpu__time_duration.sum"
+STALLS = ["smsp__issue_active.avg.per_cycle_active", "smsp__inst_executed.sum"] + [
+    f"smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio"
+    for reason in ("barrier", "branch_resolving", "dispatch_stall", "long_scoreboard", "math_pipe_throttle",
+                   "membar", "mio_throttle", "no_instruction", "not_selected", "selected", "short_scoreboard",
+                   "wait")]
 DEFAULTS = {name: getattr(M, name) for name in ("STAGES", "TILES", "KEY_CHAINS", "MERGE_UNROLL", "default_num_splits")}
 
 
@@ -74,14 +83,25 @@ def child(args, variants: list[dict]) -> None:
           jax.block_until_ready(f(caches[c], q))
 
 
+def launches(text: str) -> list[dict]:
+  """ncu's plain report → per decode launch {metric: value} (the duration in µs)."""
+  out = []
+  for block in re.split(r"\n  tq_decode\S* \(", text)[1:]:
+    metrics = {}
+    for name, unit, value in re.findall(r"^    ([a-z]\w*__\S+)\s+(?:(\S+)\s+)??([-\d.,]+)$", block, re.M):
+      metrics[name] = float(value.replace(",", "")) * (UNITS[unit] if name == DURATION else 1.0)
+    out.append(metrics)
+  return out
+
+
 def parse(text: str, variants: list[dict], configs: list[str], reps: int) -> dict:
-  """{(variant index, config): [µs per launch]} from ncu's report, launches in `child`'s order."""
-  durations = [float(v.replace(",", "")) * UNITS[u]
-               for u, v in re.findall(r"gpu__time_duration\.sum\s+(\w+)\s+([\d.,]+)", text)]
+  """{(variant index, config): [{metric: value} per launch]} from ncu's report, launches in
+  `child`'s order."""
+  found = launches(text)
   want = ROUNDS * len(variants) * len(configs) * reps
-  if len(durations) != want:
-    raise RuntimeError(f"ncu reported {len(durations)} decode launches, expected {want}:\n{text[-3000:]}")
-  out, it = {}, iter(durations)
+  if len(found) != want or not all(DURATION in x for x in found):
+    raise RuntimeError(f"ncu reported {len(found)} decode launches, expected {want}:\n{text[-3000:]}")
+  out, it = {}, iter(found)
   for _ in range(ROUNDS):
     for i in range(len(variants)):
       for c in configs:
@@ -96,6 +116,7 @@ def main(argv=None) -> None:
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--seq", type=int, default=32768)
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--metrics", default="", help='extra ncu metrics, comma-separated, or "stalls"')
   ap.add_argument("--check", action="store_true", help="compare each variant with the reference, no timing")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--out", default=str(RESULTS))
@@ -113,21 +134,25 @@ def main(argv=None) -> None:
         err, nan = check_case(case, 3)
         print(f"variant {i} {variant} {c}: rel err {err:.2e}, NaN {nan}", flush=True)
     return
-  cmd = ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "-k", "regex:tq_decode",
+  extra = STALLS if args.metrics == "stalls" else [m for m in args.metrics.split(",") if m]
+  cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([DURATION, *extra]), "-k", "regex:tq_decode",
          sys.executable, __file__, "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
          "--head-dim", str(args.head_dim), "--seq", str(args.seq), "--reps", str(args.reps)]
   run = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if run.returncode:
     raise RuntimeError(f"ncu exited with {run.returncode}:\n{(run.stdout + run.stderr)[-3000:]}")
-  times = parse(run.stdout, variants, args.configs, args.reps)
+  got = parse(run.stdout, variants, args.configs, args.reps)
   dev = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
   md = [f"# Decode kernel time (Nsight Compute) — {dev}, {date}", "",
         f"jax {jax.__version__}; B = 8, Hq = 32, Hkv = 8, D = {args.head_dim}, S = {args.seq}; "
         f"{ROUNDS} × {args.reps} launches per row; µs of the decode kernel alone.", "",
-        "| variant | config | min µs | median µs |", "| --- | --- | ---: | ---: |"]
-  for (i, c), ts in sorted(times.items()):
-    md.append(f"| {variants[i] or 'defaults'} | {c} | {min(ts):.1f} | {statistics.median(ts):.1f} |")
+        "| variant | config | min µs | median µs |" + "".join(f" {m} |" for m in extra),
+        "| --- | --- | ---: | ---: |" + " ---: |" * len(extra)]
+  for (i, c), runs in sorted(got.items()):
+    ts = [x[DURATION] for x in runs]
+    cols = "".join(f" {statistics.median(x.get(m, float('nan')) for x in runs):.3g} |" for m in extra)
+    md.append(f"| {variants[i] or 'defaults'} | {c} | {min(ts):.1f} | {statistics.median(ts):.1f} |" + cols)
   text = "\n".join(md) + "\n"
   print(text)
   out = Path(args.out)

@@ -414,11 +414,18 @@ def test_kernel_time_harness():
 
   values = [("us", "1.5"), ("ns", "2,500"), ("us", "3.0"), ("us", "4.0"),
             ("us", "5.0"), ("us", "6.0"), ("ms", "0.007"), ("us", "8.0")]
-  report = "".join(f"  tq_decode_mgpu_mosaic_gpu_kernel (16, 64, 1)x(128, 1, 1)\n"
-                   f"    gpu__time_duration.sum   {u}   {v}\n" for u, v in values)
+  head = ("  tq_decode_mgpu_mosaic_gpu_kernel (16, 64, 1)x(128, 1, 1), Context 1, Stream 14, Device 0, CC 9.0\n"
+          "    Section: Command line profiler metrics\n    Metric Name   Metric Unit Metric Value\n")
+  report = "==PROF== Connected\n" + "".join(
+      f"{head}    gpu__time_duration.sum   {u}   {v}\n    smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
+      f"   {i / 10}\n    smsp__inst_executed.sum   inst   1,024\n\n" for i, (u, v) in enumerate(values))
   got = KT.parse(report, [{}, {"STAGES": 3}], ["K3/V3"], 2)
-  np.testing.assert_allclose(got[0, "K3/V3"], [1.5, 2.5, 5.0, 6.0])
-  np.testing.assert_allclose(got[1, "K3/V3"], [3.0, 4.0, 7.0, 8.0])
+  duration = lambda i: [x[KT.DURATION] for x in got[i, "K3/V3"]]
+  np.testing.assert_allclose(duration(0), [1.5, 2.5, 5.0, 6.0])
+  np.testing.assert_allclose(duration(1), [3.0, 4.0, 7.0, 8.0])
+  stall = [x["smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"] for x in got[1, "K3/V3"]]
+  np.testing.assert_allclose(stall, [0.2, 0.3, 0.6, 0.7])
+  assert {x["smsp__inst_executed.sum"] for x in got[0, "K3/V3"]} == {1024.0}
   with pytest.raises(RuntimeError, match="expected 12"):
     KT.parse(report, [{}, {}, {}], ["K3/V3"], 2)
   try:
