@@ -5,8 +5,8 @@
   PYTHONPATH=. python experiments/kernel_time.py --metrics stalls      # + why warps stall (see STALLS)
   PYTHONPATH=. python experiments/kernel_time.py --check ...           # each variant vs the XLA reference
 
-A variant is a dict of `decode_mgpu` module attributes to set (STAGES, TILES, KEY_CHAINS, ...) and
-optionally "num_splits" (replaces `default_num_splits`). The script runs itself under
+A variant is a dict of `decode_mgpu` module constants to set (STAGES, TILES, KEY_CHAINS, ...) and
+optionally "num_splits" (replaces `default_num_splits`); the others keep their defaults. The script runs itself under
 `ncu --metrics gpu__time_duration.sum -k regex:tq_decode` (clocks left alone), which times every
 launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
 Launches of one variant move by about ±1 µs, against ±3 µs or more per call in bench_decode.py's
@@ -51,7 +51,9 @@ STALLS = ["smsp__issue_active.avg.per_cycle_active", "smsp__inst_executed.sum"] 
     for reason in ("barrier", "branch_resolving", "dispatch_stall", "long_scoreboard", "math_pipe_throttle",
                    "membar", "mio_throttle", "no_instruction", "not_selected", "selected", "short_scoreboard",
                    "wait")]
-DEFAULTS = {name: getattr(M, name) for name in ("STAGES", "TILES", "KEY_CHAINS", "MERGE_UNROLL", "default_num_splits")}
+# What a variant may set: the module's public constants (upper-case names) and `default_num_splits`.
+DEFAULTS = {name: value for name, value in vars(M).items() if name.isupper() and name[0] != "_"} | {
+    "default_num_splits": M.default_num_splits}
 
 
 def apply(variant: dict) -> None:
