@@ -17,8 +17,9 @@ distinct K/V buffers or caches taken in turn (so L2 never holds the working set)
 and divides by `calls`; the median of many samples after warm-up is reported. `calls` puts
 ≥ CALL_BYTES of bf16 K/V behind each jitted call (≥ ~0.75 ms of cuDNN's time), so that short
 calls (S = 4k, B = 1, D = 64) are not timed by the host's dispatch of the jitted call (~120 µs
-with a Mosaic GPU kernel), which two calls per jitted call did not cover. Bytes are what each implementation must read: codes,
-norms (+ QJL signs and residual norms) and lengths for ours; K/V (+ scales) for the baselines.
+with a Mosaic GPU kernel), which two calls per jitted call did not cover. Bytes are what each
+implementation must read: codes, norms (+ QJL signs and residual norms) and lengths for ours;
+K/V (+ scales) for the baselines.
 Writes experiments/results/bench_decode_<device>_<date>.{md,json,png}.
 """
 

@@ -500,12 +500,13 @@ def par_tables(k_bits: int, v_bits: int, d: int) -> np.ndarray:
 
 def _value_dot(bits: int, tables: tuple[str, int], d: int):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
-  acc [4·d, 8] f32, par ref [8, 8] int32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc row 64i + 16w + r is
-  warp w's accumulator of kernel column 16i + r: each warp sums its own tokens. For each of the
-  warp's 16-token tiles, V̂ (bfloat16 from the byte tables at `tables`, one 128-coordinate half at a time) and pv are
-  transposed in registers (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and
-  the B fragment of pv [16 tokens, 8 rows]: d/16 `mma.sync`, one per 16 columns. corr: the warp's
-  rescaling of its accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
+  acc [4·d, 8] f32, par ref [8, 8] int32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc
+  row 64i + 16w + r is warp w's accumulator of kernel column 16i + r: each warp sums its own
+  tokens. For each of the warp's 16-token tiles, V̂ (bfloat16 from the byte tables at `tables`,
+  as `_key_dot`; one 128-coordinate half at a time) and pv are transposed in registers
+  (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv
+  [16 tokens, 8 rows]: d/16 `mma.sync`, one per 16 columns. corr: the warp's rescaling of its
+  accumulator (equal in a warp's rows; skipped when it is 1 in every lane)."""
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
@@ -701,13 +702,12 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
                  num_splits, stages):
   """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 (`_PAR`):
   per row offset (float32 bits), lo, hi; the byte tables (`par_tables`); the rest zero (the kernel
-  writes the scales: `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W] u32, vn [N, S'], and for
-  prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S'] and projections
-  sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK and a multiple of the
-  code arrays' `_min_tokens_per_row`, S' ≥ S: padded norms)
-  → acc [N, D, 8] f32
-  (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA copy moves a multiple
-  of 128 bytes), the splits merged."""
+  writes the scales: `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W]
+  u32, vn [N, S'], and for prod keys the QJL signs ks [N, S, W] u32, residual norms kr [N, S']
+  and projections sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK and a
+  multiple of the code arrays' `_min_tokens_per_row`, S' ≥ S: padded norms)
+  → acc [N, D, 8] f32 (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA
+  copy moves a multiple of 128 bytes), the splits merged."""
   n, seq = kc.shape[:2]
   d = q.shape[2]
   bk = block_tokens(d)
@@ -754,8 +754,8 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       pl.when(i < steps)(functools.partial(fetch, i, i))
     plgpu.barrier_wait(q_bar.at[0])
     prepare_query(tuple(query_smem), qf_smem, par_smem)
-    par = {name: plgpu.load(par_smem.at[i], layout=L.WGMMA.reduce(0)) for i, name in enumerate(_PAR)
-           if name in ("offset", "qscale", "lo", "hi", "sqscale")}
+    par = {name: plgpu.load(par_smem.at[_PAR.index(name)], layout=L.WGMMA.reduce(0))
+           for name in ("offset", "qscale", "lo", "hi", "sqscale")}
     f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
     offset, qscale, lo, hi, sqscale = (f32(par["offset"]), f32(par["qscale"]), par["lo"], par["hi"],
                                        f32(par["sqscale"]))
