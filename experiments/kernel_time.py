@@ -14,7 +14,8 @@ pipelined timing. Every variant runs `--reps` times in each of two rounds (varia
 the table gives min / median µs, and the median of each extra metric (--metrics: ncu metric
 names, or "stalls" for STALLS: warps stalled per issued instruction, by reason, and the issue
 rate; extra metrics replay each launch, which the duration does not mind). Shape: B = 8,
-Hq = 32, Hkv = 8, --head-dim, --seq (default the issue's S = 32k). Writes experiments/results/kernel_time_<device>_<date>.md.
+Hq = 32, Hkv = 8, --head-dim, --seq (default the issue's S = 32k). Writes
+experiments/results/kernel_time_<device>_<date>.md.
 
 Nsight Compute crashed (segfault at "Connected to process") in about half of the first runs on a
 freshly started machine and with `--csv` or `launch__*` metrics; this form ran. With --check the
