@@ -437,3 +437,21 @@ def test_kernel_time_harness():
       KT.apply({"FOO": 1})
   finally:
     KT.apply({})
+
+
+@pytest.mark.math
+def test_sass_mix_finds_the_main_loop():
+  """experiments/sass_mix.py: the main loop is the widest conditional backward branch (not an
+  out-of-line jump back, not a spin-wait), its instructions counted by opcode and pipe."""
+  from experiments import sass_mix as S  # noqa: PLC0415
+
+  body = ["PRMT R1, R2, R3, 0x7904388 ;", "PRMT R1, R1, 0x5140, R4 ;", "LOP3.LUT R5, R5, 0xf0f0f0f, R6, 0xc8, !PT ;",
+          "IMAD.SHL.U32 R7, R7, 0x4, RZ ;", "HMMA.16816.F32 R8, R8, R10, R8 ;", "MOVM.16.MT88 R9, R9 ;",
+          "@P5 BRA 0x0090 ;", "FMUL R1, R1, R2 ;", "@P1 BRA 0x0020 ;"]
+  lines = ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR17], R52 ;", "@!P1 BRA 0x0200 ;"] + body + [
+      "EXIT ;", "@!P1 BRA 0x00b0 ;", "BRA 0x0010 ;"]
+  sass = "\n".join(f"        /*{16 * i:04x}*/                   {x}  /* 0x0 */" for i, x in enumerate(lines))
+  (lo, hi), ops, pipes = S.mix(sass)
+  assert (lo, hi) == (0x20, 0xa0)
+  assert ops == {"PRMT": 2, "LOP3": 1, "IMAD": 1, "HMMA": 1, "MOVM": 1, "BRA": 2, "FMUL": 1}
+  assert pipes == {"alu": 3, "fma": 2, "tensor": 1, "mio": 1, "control": 2}
