@@ -12,12 +12,14 @@ and K3 prod/V3: the default one (`decode_mgpu`, Mosaic GPU, on Hopper where it a
 Triton kernel with tf32 dots) and the Triton kernel with bf16 dot operands. Prefill encode is
 timed by bench_encode.py.
 
-Timing: each sample runs one jitted call over `calls` input sets, distinct queries over `nbuf`
+Timing: each sample runs one jitted call over `per_jit` input sets, distinct queries over `nbuf`
 distinct K/V buffers or caches taken in turn (so L2 never holds the working set), synchronizes,
-and divides by `calls`; the median of many samples after warm-up is reported. `calls` puts
+and divides by `per_jit`; the median of many samples after warm-up is reported. `per_jit` puts
 ≥ CALL_BYTES of bf16 K/V behind each jitted call (≥ ~0.75 ms of cuDNN's time), so that short
 calls (S = 4k, B = 1, D = 64) are not timed by the host's dispatch of the jitted call (~120 µs
-with a Mosaic GPU kernel), which two calls per jitted call did not cover. Bytes are what each
+with a Mosaic GPU kernel), which two calls per jitted call did not cover. Each call's inputs pass
+an optimization barrier, so XLA cannot share query-independent work (an int8 → bf16 convert, a
+cache's dequantization) between calls on the same buffer. Bytes are what each
 implementation must read: codes, norms (+ QJL signs and residual norms) and lengths for ours;
 K/V (+ scales) for the baselines.
 Writes experiments/results/bench_decode_<device>_<date>.{md,json,png}.
@@ -53,13 +55,14 @@ PIPELINE = 0  # --pipelined N: time N jitted calls dispatched back to back per s
 
 
 def bench(fn, sets, *, reps: int, warmup: int = 3) -> float:
-  """Median µs per call of fn over distinct input sets (one jitted call runs them all).
+  """Median µs per call of fn over input sets (one jitted call runs them all, each set's inputs
+  through its own optimization barrier: no work shared between calls).
 
   By default each sample synchronizes after its jitted call, so the host's dispatch of the
   call (~120 µs with a Mosaic GPU kernel on an H200) is inside the time; with PIPELINE = N a
   sample dispatches N jitted calls back to back, as a decode loop does, and synchronizes once.
   """
-  multi = jax.jit(lambda sets: [fn(*s) for s in sets])
+  multi = jax.jit(lambda sets: [fn(*jax.lax.optimization_barrier(s)) for s in sets])
   for _ in range(warmup):
     jax.block_until_ready(multi(sets))
   calls = max(1, PIPELINE)
@@ -255,7 +258,7 @@ def plot(results: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run: XLA paths only")
   ap.add_argument("--no-check", action="store_true")
@@ -265,7 +268,7 @@ def main():
   ap.add_argument("--pipelined", type=int, default=0, metavar="N",
                   help="time N jitted calls dispatched back to back per sample (default: sync each call)")
   ap.add_argument("--plot-from", metavar="JSON", help="only plot an existing results JSON to <same stem>.png")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.plot_from:
     src = Path(args.plot_from)
     plot(json.loads(src.read_text()), src.with_suffix(".png"))
@@ -344,11 +347,11 @@ def main():
   for name, b, hq, kh, d, s in shapes:
     bf16_bytes = 2 * b * kh * s * d * 2
     nbuf = max(2, min(8, math.ceil(400e6 / bf16_bytes))) if not args.quick else 2
-    calls = max(nbuf, math.ceil(CALL_BYTES / bf16_bytes)) if not args.quick else nbuf + 1  # quick: cycles too
-    cycle = lambda bufs: [bufs[i % nbuf] for i in range(calls)]  # the buffers in turn, one per call
+    per_jit = max(nbuf, math.ceil(CALL_BYTES / bf16_bytes)) if not args.quick else nbuf + 1  # quick: cycles too
+    cycle = lambda bufs: [bufs[i % nbuf] for i in range(per_jit)]  # the buffers in turn, one per call
     key = jax.random.key(s + d)
     lengths = jnp.full((b,), s, jnp.int32)
-    qs = [jax.random.normal(jax.random.fold_in(key, i), (b, hq, d), jnp.float32) for i in range(calls)]
+    qs = [jax.random.normal(jax.random.fold_in(key, i), (b, hq, d), jnp.float32) for i in range(per_jit)]
     rows = []
 
     def add(impl, us, nbytes, err=None):
@@ -368,13 +371,13 @@ def main():
     sets = [(q, k, v, lengths) for q, (k, v) in zip(q16, cycle(kv))]
     add("xla bf16", bench(dense_attention, sets, reps=reps), bf16_bytes)
     if on_gpu:
+      ckv = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) for k, v in kv]
       try:
-        ckv = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) for k, v in kv]
         csets = [(q, k, v, lengths) for q, (k, v) in zip(q16, cycle(ckv))]
         add("cudnn bf16", bench(cudnn_attention, csets, reps=reps), bf16_bytes)
-        del csets, ckv
       except Exception as e:  # noqa: BLE001
         log(f"  cudnn failed: {type(e).__name__}: {str(e)[:300]}")
+      del ckv
     i8 = []
     for k, v in kv:
       ks = jnp.max(jnp.abs(k.astype(jnp.float32)), axis=-1) / 127

@@ -7,7 +7,7 @@
 
 A variant is a dict of `decode_mgpu` module constants to set (STAGES, TILES, KEY_CHAINS, ...) and
 optionally "num_splits" (replaces `default_num_splits`); the others keep their defaults. The script runs itself under
-`ncu --metrics gpu__time_duration.sum -k regex:tq_decode` (clocks left alone), which times every
+`ncu --metrics gpu__time_duration.sum -k regex:tq_decode_mgpu` (clocks left alone), which times every
 launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
 Launches of one variant move by about ±1 µs, against ±3 µs or more per call in bench_decode.py's
 pipelined timing. Every variant runs `--reps` times in each of two rounds (variants interleaved);
@@ -45,7 +45,8 @@ from tqjax import cache as C  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 2
-UNITS = {"ns": 1e-3, "us": 1.0, "ms": 1e3}
+UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+KERNEL = "tq_decode_mgpu"  # the Mosaic GPU kernel's name prefix (the Triton kernels are tq_decode_k…)
 DURATION = "gpu__time_duration.sum"
 STALLS = ["smsp__issue_active.avg.per_cycle_active", "smsp__inst_executed.sum"] + [
     f"smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio"
@@ -71,25 +72,36 @@ def apply(variant: dict) -> None:
   jax.clear_caches()
 
 
+def order(variants: list[dict], configs: list[str], reps: int):
+  """(variant index, config) of every timed decode launch, in launch order: ROUNDS × variants ×
+  configs × reps (`child` runs them so, `parse` reads them so)."""
+  for _ in range(ROUNDS):
+    for i in range(len(variants)):
+      for c in configs:
+        yield from [(i, c)] * reps
+
+
 def child(args, variants: list[dict]) -> None:
-  """Under ncu: ROUNDS × variants × configs × reps decode calls, in the order `parse` expects."""
+  """Under ncu: the decode calls of `order`, each variant's module constants set before its own."""
   b, hq, kh = 8, 32, 8
   caches = {c: random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
             for c in args.configs}
   q = jax.random.normal(jax.random.key(0), (b, hq, args.head_dim), jnp.float32)
-  for _ in range(ROUNDS):
-    for variant in variants:
-      apply(variant)
-      for c in args.configs:
-        f = jax.jit(lambda cache, q: dispatch.attention(cache, q))
-        for _ in range(args.reps):
-          jax.block_until_ready(f(caches[c], q))
+  f = jax.jit(lambda cache, q: dispatch.attention(cache, q))
+  current = None
+  for i, c in order(variants, args.configs, args.reps):
+    if i != current:
+      apply(variants[i])
+      current = i
+    if not dispatch._mosaic_decode(caches[c], hq // kh):
+      raise ValueError(f"{c} at head_dim {args.head_dim} does not run the Mosaic GPU kernel")
+    jax.block_until_ready(f(caches[c], q))
 
 
 def launches(text: str) -> list[dict]:
   """ncu's plain report → per decode launch {metric: value} (the duration in µs)."""
   out = []
-  for block in re.split(r"\n  tq_decode\S* \(", text)[1:]:
+  for block in re.split(rf"\n  {KERNEL}\S* \(", text)[1:]:
     metrics = {}
     for name, unit, value in re.findall(r"^    ([a-z]\w*__\S+)\s+(?:(\S+)\s+)??([-\d.,]+)$", block, re.M):
       metrics[name] = float(value.replace(",", "")) * (UNITS[unit] if name == DURATION else 1.0)
@@ -104,11 +116,9 @@ def parse(text: str, variants: list[dict], configs: list[str], reps: int) -> dic
   want = ROUNDS * len(variants) * len(configs) * reps
   if len(found) != want or not all(DURATION in x for x in found):
     raise RuntimeError(f"ncu reported {len(found)} decode launches, expected {want}:\n{text[-3000:]}")
-  out, it = {}, iter(found)
-  for _ in range(ROUNDS):
-    for i in range(len(variants)):
-      for c in configs:
-        out.setdefault((i, c), []).extend(next(it) for _ in range(reps))
+  out = {}
+  for key, launch in zip(order(variants, configs, reps), found):
+    out.setdefault(key, []).append(launch)
   return out
 
 
@@ -133,12 +143,13 @@ def main(argv=None) -> None:
       apply(variant)
       for c in args.configs:
         opts = CONFIGS[c]
-        case = dict(d=args.head_dim, kb=opts["k_bits"], vb=opts["v_bits"], var=opts["k_variant"], g=4, s=3001)
-        err, nan = check_case(case, 3)
-        print(f"variant {i} {variant} {c}: rel err {err:.2e}, NaN {nan}", flush=True)
+        for s in (3001, args.seq):  # an odd capacity (one token per TMA row) and the timed one
+          case = dict(d=args.head_dim, kb=opts["k_bits"], vb=opts["v_bits"], var=opts["k_variant"], g=4, s=s)
+          err, nan = check_case(case, 3)
+          print(f"variant {i} {variant} {c} S={s}: rel err {err:.2e}, NaN {nan}", flush=True)
     return
   extra = STALLS if args.metrics == "stalls" else [m for m in args.metrics.split(",") if m]
-  cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([DURATION, *extra]), "-k", "regex:tq_decode",
+  cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([DURATION, *extra]), "-k", f"regex:{KERNEL}",
          sys.executable, __file__, "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
          "--head-dim", str(args.head_dim), "--seq", str(args.seq), "--reps", str(args.reps)]
   run = subprocess.run(cmd, capture_output=True, text=True, check=False)

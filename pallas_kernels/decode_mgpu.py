@@ -53,7 +53,7 @@ of 2 or 6 words per token need at least two).
 * Pallas' automatic barriers around shared-memory stores and TMA issues are off
   (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-10).
+Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-11).
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 64, 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens per block.
@@ -76,10 +76,11 @@ from tqjax import packing
 from tqjax.codebook import lloyd_max
 
 # 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block, per
-# head_dim (H200, pipelined same-run A/B).
+# head_dim (H200, pipelined same-run A/B, sessions 9-10; register counts of those builds).
 # * D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k
 #   and 128k (twice the independent work between a block's shuffles and barrier; 126 registers,
-#   138 for prod keys). Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
+#   138 for prod keys; session 11's build, compiled for a 3001-slot cache: 128 for K3/V3, 136 for
+#   K4/V4, 141 for prod keys, i.e. 4, 3 and 3 CTAs per SM; the count moves with the split count). Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
 #   (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM.
 # * D = 256 (twice the accumulator per thread), one: 5 % faster than two for K3/V3 at S = 16k,
 #   2-3 % for K4/V4 and prod keys (139-147 against 169-186 registers); three stages instead of
@@ -93,10 +94,11 @@ MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
-# bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel reads the tables
-# from here rather than as constants: ptxas then keeps them in registers, where as constants it
-# re-materialized one per `prmt` (129 `IMAD.U32` per block and warp for K3/V3 at D = 128, 12 % of
-# the loop's instructions; 1.5-2 % faster for K4/V4 and prod keys, neutral for K3/V3).
+# bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel loads the tables
+# from here (a few shared-memory loads per block) rather than taking them as constants: as
+# constants ptxas kept them in uniform registers and copied one into a register before every
+# `prmt` (129 `IMAD.U32` per block and warp for K3/V3 at D = 128, 12 % of the loop's
+# instructions; loaded, 1.5-2 % faster for K4/V4 and prod keys, neutral for K3/V3).
 _PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", None)
 _MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
 BITS = (1, 2, 3, 4)
@@ -192,6 +194,7 @@ def _selectors(words, bits: int, ops, slots: int = 32):
 
 def _lookup(sel, tables, ops):
   """Two bf16 pairs (as uint32) of the 4 low nibbles of `sel` (see `_selectors`)."""
+  # words: ints (NumPy tests) or values loaded in the kernel (`_load_table`)
   l0, l1, h0, h1 = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
   if isinstance(sel, tuple):  # 4 bits: magnitude, then the sign by XOR on the high bytes
     idx, neg = sel
@@ -354,6 +357,8 @@ def _tokens_per_row(bits: int, d: int, seq: int) -> int:
   computation left out, took 74 µs at S = 32k, B·K = 64 on an H200 (210 MB: 2.8 TB/s); with
   eight (384 bytes) 54 µs (3.9 TB/s, 92 % of the copy bandwidth)."""
   need = _min_tokens_per_row(bits, d)
+  if seq % need:
+    raise ValueError(f"capacity {seq} is not a multiple of {need} (tokens per TMA row of {bits}-bit codes at D = {d})")
   return next(f for f in (8, 4, 2, 1) if f >= need and seq % f == 0)
 
 
@@ -379,7 +384,7 @@ def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int
   if w < _QUAD:
     h, col = arith.shrui(col, ops.const(1)), arith.andi(col, ops.const(1))
     shift = arith.shli(h, ops.const(4))
-  if f > 1:  # the thread's tokens are all even or all odd (8 | 64·tile + 8h): one column offset
+  if f > 1:  # the thread's tokens are all ≡ row0 (mod f) (f | 8 | 64·tile + 8h): one column offset
     col = arith.addi(col, arith.muli(arith.remui(row0, ops.const(f)), ops.const(per_token)))
   out = []
   for th in range(2):
@@ -443,11 +448,11 @@ def _warp_all(pred):
   return arith.cmpi(arith.CmpIPredicate.ne, all_, arith.constant(i32, 0))
 
 
-def _key_dot(bits: int, tables: tuple[str, int], part: int, d: int):
+def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref
   [P, d/32, 32, 4] uint32, par ref [8, 8] int32) → [BK, 8] float32 (WGMMA layout): each of a
-  warp's 16-token tiles of the block, expanded in float16 from the byte tables at `tables` (par
-  row name, first word: `_load_tables`), times qᵀ, the float16 B fragments qf[part]
+  warp's 16-token tiles of the block, expanded in float16 from the byte table at `table_at` (par
+  row name, first word: `_load_table`), times qᵀ, the float16 B fragments qf[part]
   (`q_fragments`), by d/16 `mma.sync` (k = 16 columns each). The A fragment of k-step j of half u
   is the thread's pairs 2j and 2j + 1 of both its tokens of the tile in that half."""
   bk = block_tokens(d)
@@ -461,7 +466,7 @@ def _key_dot(bits: int, tables: tuple[str, int], part: int, d: int):
     ir, arith, _, vector, mgpu_utils, _ = _ptx()
     ops = _MlirOps()
     index, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
-    tab = _load_tables(par_ref, *tables)
+    tab = _load_table(par_ref, *table_at)
     lane = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), ops.const(32)))
     at = lambda i: arith.constant(index, i)
     qv = [vector.load(ir.VectorType.get((4,), i32), qf_ref, [at(part), at(v), lane, at(0)]) for v in range(d // 32)]
@@ -484,7 +489,7 @@ def _key_dot(bits: int, tables: tuple[str, int], part: int, d: int):
   return dot
 
 
-def _load_tables(par_ref, name: str, first: int):
+def _load_table(par_ref, name: str, first: int):
   """The four words of a byte table (`table_words`) from par row `name`, words first .. first + 3."""
   ir, arith, memref, *_ = _ptx()
   at = lambda i: arith.constant(ir.IndexType.get(), i)
@@ -498,11 +503,11 @@ def par_tables(k_bits: int, v_bits: int, d: int) -> np.ndarray:
   return np.stack([tables, np.pad(words(SIGN_TABLE), (0, 4))])
 
 
-def _value_dot(bits: int, tables: tuple[str, int], d: int):
+def _value_dot(bits: int, table_at: tuple[str, int], d: int):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
   acc [4·d, 8] f32, par ref [8, 8] int32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc
   row 64i + 16w + r is warp w's accumulator of kernel column 16i + r: each warp sums its own
-  tokens. For each of the warp's 16-token tiles, V̂ (bfloat16 from the byte tables at `tables`,
+  tokens. For each of the warp's 16-token tiles, V̂ (bfloat16 from the byte table at `table_at`,
   as `_key_dot`; one 128-coordinate half at a time) and pv are transposed in registers
   (`_transpose8`) into the A fragments of V̂ᵀ [16 columns, 16 tokens] and the B fragment of pv
   [16 tokens, 8 rows]: d/16 `mma.sync`, one per 16 columns. corr: the warp's rescaling of its
@@ -519,7 +524,7 @@ def _value_dot(bits: int, tables: tuple[str, int], d: int):
 
     ops = _MlirOps()
     i32 = ir.IntegerType.get_signless(32)
-    tab = _load_tables(par_ref, *tables)
+    tab = _load_table(par_ref, *table_at)
     cr = _elems(corr, 0, 0)
     old = [x for i in range(d // 16) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
     # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
@@ -988,9 +993,10 @@ def decode_partial(
   flat_q = lambda x: x.astype(jnp.float32).reshape(n, rows, d)  # free: the rotation's output
   f32_bits = lambda x: lax.bitcast_convert_type(x, jnp.int32)
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
-  tables = dict(zip(("tables", "signs"), par_tables(k_bits, v_bits, d)))
-  tables = {name: jnp.broadcast_to(x, (n, MAX_ROWS)) for name, x in tables.items()}
-  par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0), **tables}
+  table_rows = {name: jnp.broadcast_to(x, (n, MAX_ROWS)) for name, x in zip(("tables", "signs"),
+                                                                             par_tables(k_bits, v_bits, d))}
+  par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0),
+         **table_rows}
   zeros = jnp.zeros((n, MAX_ROWS), jnp.int32)  # padded rows attend nothing
   par = jnp.stack([par.get(name, zeros) for name in _PAR], axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
   qjl = (flat(ks), norms(kr), flat_q(pq.sq[0])) if prod else ()

@@ -154,6 +154,38 @@ def test_numpy_prmt_model():
 
 
 @pytest.mark.math
+def test_table_values_are_the_codebooks():
+  """`_table_values` (the CPU kernel model's reading of the par byte tables) gives back each
+  codebook in its 16-bit dtype, so the model checks what `par_tables` put in par."""
+  for d in M.HEAD_DIMS:
+    for kb in M.BITS:
+      for vb in M.BITS:
+        tables, signs = M.par_tables(kb, vb, d)
+        for bits, dtype, words in ((kb, np.float16, tables[:4]), (vb, ml_dtypes.bfloat16, tables[4:])):
+          want = np.asarray(lloyd_max(bits, d)[0], np.float32).astype(dtype).astype(np.float32)
+          np.testing.assert_array_equal(_table_values(words, bits, dtype), want)
+        np.testing.assert_array_equal(_table_values(signs[:4], 1, np.float16), [-1.0, 1.0])
+        assert not signs[4:].any()
+
+
+@pytest.mark.math
+def test_tokens_per_row():
+  """Rows of as many of 8, 4, 2 tokens as divide the capacity (at least the 16-byte minimum of
+  1- and 3-bit codes at D = 64); a TMA row stays within 256 words; a capacity that is not a
+  multiple of the minimum is refused."""
+  assert M._tokens_per_row(3, 128, 4133) == 1 and M._tokens_per_row(3, 128, 4096) == 8
+  assert M._tokens_per_row(3, 128, 700) == 4 and M._tokens_per_row(2, 128, 4134) == 2
+  assert M._min_tokens_per_row(3, 64) == 2 and M._tokens_per_row(3, 64, 4134) == 2
+  assert M._min_tokens_per_row(4, 64) == 1 and M._tokens_per_row(1, 64, 1000) == 8
+  for d in M.HEAD_DIMS:
+    for bits in M.BITS:
+      f = M._tokens_per_row(bits, d, 8 * 1024)
+      assert f == 8 and M.block_tokens(d) % f == 0 and f * bits * d // 32 <= 256
+  with pytest.raises(ValueError, match="not a multiple of 2"):
+    M._tokens_per_row(3, 64, 4133)
+
+
+@pytest.mark.math
 def test_supported_and_errors():
   cfg = C.CacheConfig(head_dim=128, k_bits=3, v_bits=3)
   assert M.supported(C.init_cache(cfg, 1, 1, 8)) == (True, "")
@@ -271,6 +303,18 @@ def _prepared_rows(q, bits, coef=1.0):
   return q16.astype(jnp.float32), scale
 
 
+def _table_values(words, bits, dtype):
+  """The 2^bits centroids (float32) that a byte table holds: words [4] int32 in `M.table_words`'
+  layout (low bytes of entries 0-3, 4-7, high bytes of 0-3, 4-7) of 16-bit `dtype` values; for 4
+  bits its 8 entries are the non-negative magnitudes of a symmetric codebook."""
+  b = np.asarray(words, np.int32).view(np.uint8).reshape(4, 4)  # [word, byte] (little-endian)
+  u16 = np.concatenate([b[0], b[1]]).astype(np.uint16) | (np.concatenate([b[2], b[3]]).astype(np.uint16) << 8)
+  values = u16.view(dtype).astype(np.float32)
+  if bits == 4:
+    values = np.concatenate([-values[::-1], values])
+  return values[:2**bits]
+
+
 def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
                   num_splits, stages):
   """`M._decode_call` in plain jnp (no splits to merge): the same inputs (layouts, kernel coordinate
@@ -282,21 +326,20 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   for x, bits in ((kc, k_bits), (vc, v_bits)) + (((ks, 1),) if ks is not None else ()):
     assert x.shape[1] == seq and seq % M._min_tokens_per_row(bits, d) == 0  # whole TMA rows of tokens
   row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
-  np.testing.assert_array_equal(np.stack([row("tables"), row("signs")], 1), np.broadcast_to(  # the byte tables
-      M.par_tables(k_bits, v_bits, d), (par.shape[0], 2, 8)))
+  for name in ("tables", "signs"):  # the same byte tables for every head: the kernel reads them per head
+    assert (row(name) == row(name)[:1]).all()
   assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
   q, qscale = _prepared_rows(q, k_bits)
   offset, lo, hi = lax.bitcast_convert_type(row("offset"), jnp.float32), row("lo"), row("hi")
 
-  def deq(words, bits, dtype, values):  # [N, S, b·W] → [N, S, D] kernel order
-    table = jnp.asarray(np.asarray(values, np.float32).astype(dtype).astype(np.float32))
+  def deq(words, bits, dtype, name, first):  # [N, S, b·W] → [N, S, D] kernel order, centroids from par
+    table = jnp.asarray(_table_values(np.asarray(row(name)[0, first:first + 4]), bits, dtype))
     return table[packing.unpack(words, bits, d)][..., M.kernel_perm(bits, d)]
 
   dot = lambda x, y: jnp.einsum("nsd,nrd->nsr", x, y.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-  cb = lambda bits: lloyd_max(bits, d)[0]
-  s = dot(deq(kc, k_bits, np.float16, cb(k_bits)), q) * qscale[:, None]
+  s = dot(deq(kc, k_bits, np.float16, "tables", 0), q) * qscale[:, None]
   if ks is not None:
-    signs = deq(ks, 1, np.float16, [-1.0, 1.0])
+    signs = deq(ks, 1, np.float16, "signs", 0)
     sq, sqscale = _prepared_rows(sq, 1, qjl_coef)
     s = s + dot(signs, sq) * sqscale[:, None] * kr[:, :seq, None].astype(jnp.float32)
   s = s * kn[:, :seq, None].astype(jnp.float32) + offset[:, None]
@@ -308,7 +351,7 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   m = jnp.max(s, axis=1)
   p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[:, None])
   pv = jnp.where(ok, p * vn[:, :seq, None].astype(jnp.float32), 0.0).astype(jnp.bfloat16).astype(jnp.float32)
-  acc = jnp.einsum("nsd,nsr->ndr", deq(vc, v_bits, ml_dtypes.bfloat16, cb(v_bits)), pv,
+  acc = jnp.einsum("nsd,nsr->ndr", deq(vc, v_bits, ml_dtypes.bfloat16, "tables", 4), pv,
                    precision=lax.Precision.HIGHEST)
   l = jnp.sum(p, axis=1)
   return acc, jnp.stack([m, l, jnp.zeros_like(m), jnp.zeros_like(m)], axis=1)
@@ -406,7 +449,7 @@ def test_gpu_default_attention_is_the_mosaic_kernel(d):
 
 
 @pytest.mark.math
-def test_kernel_time_harness():
+def test_kernel_time_harness(monkeypatch):
   """experiments/kernel_time.py: ncu's launches map to (variant, config) in the order its child runs
   them (rounds, variants, configs, reps), in µs from any unit; a variant sets module attributes
   from the defaults, and an unknown one is refused."""
@@ -428,6 +471,7 @@ def test_kernel_time_harness():
   assert {x["smsp__inst_executed.sum"] for x in got[0, "K3/V3"]} == {1024.0}
   with pytest.raises(RuntimeError, match="expected 12"):
     KT.parse(report, [{}, {}, {}], ["K3/V3"], 2)
+  monkeypatch.setattr(jax, "clear_caches", lambda: None)  # `apply` drops compiled kernels; not here
   try:
     KT.apply({"STAGES": 3, "num_splits": 5})
     assert M.STAGES == 3 and M.default_num_splits(64, 32768, 128) == 5
@@ -455,3 +499,19 @@ def test_sass_mix_finds_the_main_loop():
   assert (lo, hi) == (0x20, 0xa0)
   assert ops == {"PRMT": 2, "LOP3": 1, "IMAD": 1, "HMMA": 1, "MOVM": 1, "BRA": 2, "FMUL": 1}
   assert pipes == {"alu": 3, "fma": 2, "tensor": 1, "mio": 1, "control": 2}
+
+
+@pytest.mark.math
+def test_bench_decode_quick_runs(tmp_path):
+  """experiments/bench_decode.py --quick (XLA paths, queries cycling over the buffers) writes its
+  table: every row timed, finite and positive."""
+  import json  # noqa: PLC0415
+
+  from experiments import bench_decode as BD  # noqa: PLC0415
+
+  BD.main(["--quick", "--out", str(tmp_path), "--reps", "3"])
+  (path,) = tmp_path.glob("bench_decode_*_quick.json")
+  rows = json.loads(path.read_text())["rows"]
+  assert [r["impl"] for r in rows] == ["xla bf16", "xla int8 (per-token scale)"] + [
+      f"ours xla {c}" for c in BD.CONFIGS]
+  assert all(np.isfinite(r["us"]) and r["us"] > 0 for r in rows)
