@@ -12,7 +12,8 @@ the GPU machine's for the decode kernel (126).
 The main loop is the body of the conditional backward branch that spans the most code. Pipes (Hopper, as
 Nsight Compute names them, approximately): alu (logic, shifts, byte permutes, compares,
 selects, min/max), fma (IMAD in all forms, FP32 and FP16 arithmetic), mio (shared memory,
-shuffles, `movmatrix`), xu (MUFU), tensor (HMMA), uniform (U*, R2UR) and control. An SMSP
+shuffles, `movmatrix`), xu (MUFU), tensor (HMMA), uniform (U*, R2UR) and other (branches,
+barriers, moves: not placed). An SMSP
 issues one instruction per cycle; the alu and fma pipes each take a warp instruction every
 other cycle, so a loop whose alu count is more than half its instructions is bound by that pipe.
 """
@@ -45,7 +46,7 @@ def pipe(op: str) -> str:
       return name
   if base.startswith("U") or base == "R2UR":
     return "uniform"
-  return "control"
+  return "other"  # branches, barriers, moves, ...
 
 
 def instructions(sass: str) -> list[tuple[int, str, str, str]]:
@@ -59,7 +60,7 @@ def main_loop(insts: list[tuple[int, str, str, str]]) -> tuple[int, int]:
   best = None
   for addr, pred, op, rest in insts:
     m = re.search(r"0x([0-9a-f]+)", rest)
-    if op == "BRA" and pred and m and int(m.group(1), 16) < addr:
+    if op in ("BRA", "BRA.U") and pred and m and int(m.group(1), 16) < addr:
       span = (int(m.group(1), 16), addr)
       if best is None or span[1] - span[0] > best[1] - best[0]:
         best = span
@@ -79,14 +80,26 @@ def mix(sass: str) -> tuple[tuple[int, int], collections.Counter, collections.Co
   return (lo, hi), ops, pipes
 
 
-def to_sass(path: Path, ptxas: str | None) -> str:
-  """SASS text of a .sass file, or of PTX (a .ptx file, or a log holding one) compiled for sm_90a."""
+def ptx_module(text: str, entry: str) -> str:
+  """The PTX module in `text` (a .ptx file, or a log of several) whose .entry name contains entry:
+  from its `.version` line to its last `}`."""
+  starts = [m.start() for m in re.finditer(r"^\.version", text, re.M)] + [len(text)]
+  for a, b in zip(starts, starts[1:]):
+    module = text[a:b]
+    if re.search(rf"\.entry\s+\S*{re.escape(entry)}", module):
+      return module[:module.rindex("}") + 1]
+  raise ValueError(f"no PTX module with an entry named like {entry!r}")
+
+
+def to_sass(path: Path, ptxas: str | None, entry: str) -> str:
+  """SASS text of a .sass file, or of the PTX module of kernel `entry` (in a .ptx file or a log)
+  compiled for sm_90a."""
   text = path.read_text()
   if ".version" not in text:
     return text
   if not ptxas:
     raise ValueError(f"{path} holds PTX: pass --ptxas")
-  ptx = text[text.index(".version"):text.rindex("}") + 1]
+  ptx = ptx_module(text, entry)
   with tempfile.TemporaryDirectory() as tmp:
     src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
     src.write_text(ptx)
@@ -101,9 +114,10 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("path", type=Path, help=".sass text, or PTX (or a log with PTX in it)")
   ap.add_argument("--ptxas", help="ptxas to compile PTX with (cuobjdump beside it)")
+  ap.add_argument("--entry", default="tq_decode_mgpu", help="the kernel, in PTX holding several")
   ap.add_argument("--top", type=int, default=20)
   args = ap.parse_args(argv)
-  (lo, hi), ops, pipes = mix(to_sass(args.path, args.ptxas))
+  (lo, hi), ops, pipes = mix(to_sass(args.path, args.ptxas, args.entry))
   total = sum(ops.values())
   print(f"main loop 0x{lo:x}-0x{hi:x}: {total} instructions")
   print("by pipe:", ", ".join(f"{p} {n} ({100 * n / total:.0f} %)" for p, n in pipes.most_common()))

@@ -498,7 +498,13 @@ def test_sass_mix_finds_the_main_loop():
   (lo, hi), ops, pipes = S.mix(sass)
   assert (lo, hi) == (0x20, 0xa0)
   assert ops == {"PRMT": 2, "LOP3": 1, "IMAD": 1, "HMMA": 1, "MOVM": 1, "BRA": 2, "FMUL": 1}
-  assert pipes == {"alu": 3, "fma": 2, "tensor": 1, "mio": 1, "control": 2}
+  assert pipes == {"alu": 3, "fma": 2, "tensor": 1, "mio": 1, "other": 2}
+  log = ("MOSAIC dump\n.version 8.8\n.entry other_kernel(\n{\n}\n"
+         ".version 8.8\n.target sm_90a\n.entry tq_decode_mgpu_mosaic_gpu_kernel(\n{\n ret;\n}\ntrailing")
+  want = ".version 8.8\n.target sm_90a\n.entry tq_decode_mgpu_mosaic_gpu_kernel(\n{\n ret;\n}"
+  assert S.ptx_module(log, "tq_decode_mgpu") == want
+  with pytest.raises(ValueError, match="no PTX module"):
+    S.ptx_module(log, "missing")
 
 
 @pytest.mark.math
