@@ -80,8 +80,9 @@ from tqjax.codebook import lloyd_max
 # * D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k
 #   and 128k (twice the independent work between a block's shuffles and barrier; 126 registers,
 #   138 for prod keys; session 11's build, compiled for a 3001-slot cache: 128 for K3/V3, 136 for
-#   K4/V4, 141 for prod keys, i.e. 4, 3 and 3 CTAs per SM; the count moves with the split count). Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower
-#   (158 / 178 registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM.
+#   K4/V4, 141 for prod keys, i.e. 4, 3 and 3 CTAs per SM; the count moves with the split count).
+#   Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower (158 / 178
+#   registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM.
 # * D = 256 (twice the accumulator per thread), one: 5 % faster than two for K3/V3 at S = 16k,
 #   2-3 % for K4/V4 and prod keys (139-147 against 169-186 registers); three stages instead of
 #   two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
