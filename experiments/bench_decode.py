@@ -172,6 +172,12 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def config_case(cname: str, d: int, s: int, g: int = 4) -> dict:
+  """`check_case`'s case c for the cache configuration CONFIGS[cname] at head_dim d, S = s."""
+  opts = CONFIGS[cname]
+  return dict(d=d, kb=opts["k_bits"], vb=opts["v_bits"], var=opts["k_variant"], g=g, s=s)
+
+
 def check_case(c: dict, seed: int, **options) -> tuple[float, bool]:
   """(relative error, any NaN) of the compiled kernel (with `options`) vs the float32 XLA reference
   on freshly prefilled random data. c: d, kb, vb, var, g, s and optionally nd, cap, win."""

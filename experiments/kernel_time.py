@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_decode import CONFIGS, check_case, random_cache  # noqa: E402
+from experiments.bench_decode import CONFIGS, check_case, config_case, random_cache  # noqa: E402
 from pallas_kernels import decode_mgpu as M  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
@@ -142,10 +142,8 @@ def main(argv=None) -> None:
     for i, variant in enumerate(variants):
       apply(variant)
       for c in args.configs:
-        opts = CONFIGS[c]
         for s in (3001, args.seq):  # an odd capacity (one token per TMA row) and the timed one
-          case = dict(d=args.head_dim, kb=opts["k_bits"], vb=opts["v_bits"], var=opts["k_variant"], g=4, s=s)
-          err, nan = check_case(case, 3)
+          err, nan = check_case(config_case(c, args.head_dim, s), 3)
           print(f"variant {i} {variant} {c} S={s}: rel err {err:.2e}, NaN {nan}", flush=True)
     return
   extra = STALLS if args.metrics == "stalls" else [m for m in args.metrics.split(",") if m]

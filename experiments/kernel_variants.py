@@ -22,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_decode import (  # noqa: E402
-    CONFIGS, bench, cache_read_bytes, check_case, copy_bandwidth, cudnn_attention, random_cache)
+    CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, random_cache)
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 
@@ -41,10 +41,9 @@ VARIANTS = {  # (forms measured on 2026-11-27 and removed from the kernel are in
 
 
 
-def check(cfg_kw: dict, options: dict) -> float:
+def check(cname: str, options: dict) -> float:
   """Relative error of the compiled variant vs the float32 XLA oracle (NaN if it produced any)."""
-  case = dict(d=128, kb=cfg_kw["k_bits"], vb=cfg_kw["v_bits"], var=cfg_kw["k_variant"], g=4, s=3001)
-  err, nan = check_case(case, 5, **options)
+  err, nan = check_case(config_case(cname, 128, 3001), 5, **options)
   return float("nan") if nan else err
 
 
@@ -107,7 +106,7 @@ def main(argv=None) -> None:
     for name in names:
       opts = VARIANTS[name]
       try:
-        err = check(CONFIGS[cname], opts) if "variant" not in opts else None
+        err = check(cname, opts) if "variant" not in opts else None
         us = bench(lambda c, q, o=opts: dispatch.attention(c, q, **o), list(zip(caches, qs)), reps=args.reps)
       except Exception as e:  # noqa: BLE001 — a variant that fails to compile is a result too
         print(f"{cname} {name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)

@@ -32,6 +32,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
 from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 from tqjax import quantizer  # noqa: E402
@@ -140,15 +141,12 @@ def main(argv=None) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for name in cases:
       ir, warps, stages, coords, trips = make_ir(name)
-      ttir, ptx, cubin = (Path(tmp) / f"k.{ext}" for ext in ("ttir", "ptx", "cubin"))
+      ttir, ptx = (Path(tmp) / f"k.{ext}" for ext in ("ttir", "ptx"))
       ttir.write_text(ir)
       shared = subprocess.run([args.triton_python, "-c", _COMPILE, str(ttir), str(warps), str(ptx), str(stages)],
                               check=True, capture_output=True, text=True).stdout.split()[-1]
-      info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
-                            capture_output=True, text=True, check=True).stderr
-      sass = subprocess.run([str(Path(bin_dir) / "cuobjdump"), "-sass", str(cubin)],
-                            capture_output=True, text=True, check=True).stdout
-      ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+      info, sass = compile_ptx(ptx.read_text(), str(ptxas))
+      ops = [op.split(".")[0] for _, _, op, _ in instructions(sass)]
       n = dynamic_count(sass, trips)
       top = ", ".join(f"{op} {k}" for op, k in collections.Counter(ops).most_common(8))
       regs = re.search(r"Used (\d+) registers", info).group(1)

@@ -99,15 +99,21 @@ def to_sass(path: Path, ptxas: str | None, entry: str) -> str:
     return text
   if not ptxas:
     raise ValueError(f"{path} holds PTX: pass --ptxas")
-  ptx = ptx_module(text, entry)
+  info, sass = compile_ptx(ptx_module(text, entry), ptxas)
+  print(" ".join(line.strip() for line in info.splitlines() if "Used" in line or "spill" in line))
+  return sass
+
+
+def compile_ptx(ptx: str, ptxas: str) -> tuple[str, str]:
+  """(`ptxas -v`'s report, `cuobjdump -sass` text) of PTX compiled for sm_90a; cuobjdump is
+  taken from ptxas' folder."""
   with tempfile.TemporaryDirectory() as tmp:
     src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
     src.write_text(ptx)
     info = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-o", str(cubin), str(src)], capture_output=True,
-                          text=True, check=True)
-    print(" ".join(line.strip() for line in info.stderr.splitlines() if "Used" in line or "spill" in line))
+                          text=True, check=True).stderr
     cuobjdump = str(Path(ptxas).with_name("cuobjdump"))
-    return subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return info, subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
 def main(argv=None) -> None:
