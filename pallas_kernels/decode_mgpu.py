@@ -38,8 +38,9 @@ of 2 or 6 words per token need at least two).
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
   row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
   S·q/(κ·m), × the residual norms.
-* Online softmax per warp: the max over its 16·TILES[D] tokens by three rounds of shuffles
-  (`_warp_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
+* Online softmax per warp: its running max moves only when a logit of its 16·TILES[D] tokens
+  exceeds it by more than `MAX_SLACK` (one vote), then by three rounds of shuffles
+  (`_running_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
 * Values (`_value_dot`): V̂ [16, D] of a tile is dequantized the same way (bfloat16), each 8×8 tile
   transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
   into the B fragment; accᵀ [D, 8] += V̂ᵀ · p·‖v‖ by D/16 mma (one per 16 columns), each warp
@@ -94,6 +95,7 @@ HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coo
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
+MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
 # bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel loads the tables
 # from here (a few shared-memory loads per block) rather than taking them as constants: as
@@ -439,14 +441,18 @@ def _elems(x, t, h):
   return [vector.extract(reg, [], [e]) for e in range(2)]
 
 
-def _warp_all(pred):
-  """i1 → i1: whether pred holds in every lane of the warp (`vote.sync.all`)."""
+def _warp_vote(mode: str, pred):
+  """i1 → i1: whether pred holds in every (mode "all") or some ("any") lane of the warp (`vote.sync`)."""
   ir, arith, *_, mgpu_utils, _ = _ptx()
   i32 = ir.IntegerType.get_signless(32)
-  all_ = mgpu_utils.inline_ptx(
-      "{ .reg .pred p, q; setp.ne.b32 p, $1, 0; vote.sync.all.pred q, p, 0xffffffff; selp.b32 $0, 1, 0, q; }",
+  out = mgpu_utils.inline_ptx(
+      f"{{ .reg .pred p, q; setp.ne.b32 p, $1, 0; vote.sync.{mode}.pred q, p, 0xffffffff; selp.b32 $0, 1, 0, q; }}",
       arith.extui(i32, pred), result_types=i32, convergent=True)
-  return arith.cmpi(arith.CmpIPredicate.ne, all_, arith.constant(i32, 0))
+  return arith.cmpi(arith.CmpIPredicate.ne, out, arith.constant(i32, 0))
+
+
+_warp_all = functools.partial(_warp_vote, "all")
+_warp_any = functools.partial(_warp_vote, "any")
 
 
 def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int):
@@ -553,30 +559,47 @@ def _value_dot(bits: int, table_at: tuple[str, int], d: int):
   return dot
 
 
-def _warp_max(s):
-  """s [BK, 8] float32 (WGMMA layout) → per warp the column max of its rows, in each of them (the
-  thread's maximum over its tiles, then three rounds of butterfly shuffles over the lanes of a
-  column pair, one shuffle per column and round; NaN propagates)."""
+def _running_max(s, m):
+  """The warp's new running max: s [BK, 8] float32 (the block's logits), m [BK, 8] (the running max,
+  equal in a warp's rows; −inf before the first token), both WGMMA layout → [BK, 8]. m itself
+  while no logit of the warp exceeds it by more than `MAX_SLACK` (one vote; NaN counts as
+  exceeding), else max(m, the warp's column max): the thread's maximum over its tiles, then three
+  rounds of butterfly shuffles over the lanes of a column pair (NaN propagates). Not always the
+  exact max, which the online softmax does not need: exp(s − m) ≤ e^MAX_SLACK, and the merge of
+  warps and splits weighs each partial by its own m. Most blocks skip the shuffles and the
+  accumulator's rescale (corr = 1)."""
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.Layout.WGMMA,),
+      arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
       return_type=plgpu.ShapeDtypeStruct(s.shape, jnp.float32, layout=plgpu.Layout.WGMMA),
   )
-  def warp_max(ctx, s):
+  def running_max(ctx, s, m):
     del ctx
     ir, arith, *_, mgpu_utils, _ = _ptx()
+    from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
+
     ops = _MlirOps()
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     regs = [_elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
     x = [functools.reduce(arith.maximumf, [r[e] for r in regs]) for e in range(2)]
-    for lanes in (4, 8, 16):
-      for e in range(2):
-        y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, x[e]),
-                                  ops.const(lanes), result_types=i32, convergent=True)
-        x[e] = arith.maximumf(x[e], arith.bitcast(f32, y))
-    return _fragment(lambda t, h: x, s.shape)
+    old = _elems(m, 0, 0)
+    slack = arith.constant(f32, MAX_SLACK)
+    over = [arith.cmpf(arith.CmpFPredicate.UGT, x[e], arith.addf(old[e], slack)) for e in range(2)]
+    branch = scf.IfOp(_warp_any(arith.ori(*over)), [f32, f32], has_else=True)
+    with ir.InsertionPoint(branch.then_block):
+      y = list(x)
+      for lanes in (4, 8, 16):
+        for e in range(2):
+          z = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, y[e]),
+                                    ops.const(lanes), result_types=i32, convergent=True)
+          y[e] = arith.maximumf(y[e], arith.bitcast(f32, z))
+      scf.yield_([arith.maximumf(old[e], y[e]) for e in range(2)])
+    with ir.InsertionPoint(branch.else_block):
+      scf.yield_(old)
+    new = list(branch.results)
+    return _fragment(lambda t, h: new, s.shape)
 
-  return warp_max(s)
+  return running_max(s, m)
 
 
 def _warp_sum(d: int):
@@ -791,7 +814,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       slots = iota + start
       ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
       s = jnp.where(ok, s, -jnp.inf)
-      m_new = jnp.maximum(m, _warp_max(s))
+      m_new = _running_max(s, m)
       m_safe = _zero_if_empty(m_new)
       p = jnp.exp(s - m_safe)
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
