@@ -269,14 +269,16 @@ def _case_id(c):
           f"-g{c[3]}t{c[4]}-s{c[5]}")
 
 
-def _check_case(case, decode_partial):
+def _check_case(case, decode_partial, ramp=0.0):
   """decode_partial (the contract of `decode_partial_reference`) on a prefilled random cache: no
-  NaN, the same empty rows, l and o within TOL of the float32 reference, empty rows exactly 0."""
+  NaN, the same empty rows, l and o within TOL of the float32 reference, empty rows exactly 0.
+  ramp: keys scaled by 1 .. 1 + ramp along the sequence (logits that keep growing)."""
   cfgkw, b, kh, g, t, s, lengths, cap, win = case
   d = cfgkw.get("head_dim", 128)
   r = np.random.default_rng(s)
+  grow = 1.0 + ramp * np.linspace(0.0, 1.0, s)[:, None]
   cache = C.prefill(C.init_cache(C.CacheConfig(**{"head_dim": d, **cfgkw}), b, kh, s),
-                    jnp.asarray(r.standard_normal((b, kh, s, d)) + 0.4, jnp.float32),
+                    jnp.asarray((r.standard_normal((b, kh, s, d)) + 0.4) * grow, jnp.float32),
                     jnp.asarray(r.standard_normal((b, kh, s, d)), jnp.float32), jnp.asarray(lengths, jnp.int32))
   pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, d)) * 2, jnp.float32), 1 / math.sqrt(d))
   lo, hi = C.query_ranges(cache, t, win)
@@ -419,6 +421,28 @@ def test_gpu_prepare_query_is_float16_rows_and_q_fragments(d):
   for (_, scale), name in zip(prepared, ("qscale", "sqscale")):
     want_par[:, M._PAR.index(name)] = np.asarray(scale).view(np.int32)
   np.testing.assert_array_equal(par_got, want_par)
+
+
+RAMPS = [(GPU_CASES[0], 3.0), (GPU_CASES[6], 3.0), (GPU_CASES[9], 3.0), (GPU_CASES[10], 3.0)]
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("case,ramp", RAMPS, ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
+def test_wrapper_with_kernel_model_growing_logits(case, ramp, monkeypatch):
+  """The kernel model on logits that keep growing along the sequence (the reference side of
+  `test_gpu_running_max_moves`)."""
+  monkeypatch.setattr(M, "_decode_call", _kernel_model)
+  _check_case(case, M.decode_partial.__wrapped__, ramp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case,ramp", RAMPS, ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
+def test_gpu_running_max_moves(case, ramp):
+  """Keys growing 4× along the sequence (q·μ > 0 from the keys' +0.4 offset): the running
+  max of a warp moves by less and by more than `MAX_SLACK` in many blocks, so `_running_max`
+  takes both of its branches, with and without a soft cap; within TOL of the reference."""
+  _check_case(case, M.decode_partial, ramp)
 
 
 @pytest.mark.gpu
