@@ -95,7 +95,8 @@ HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coo
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
-MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4
+MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4;
+# None: the exact max every block (the A/B baseline)
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
 # bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel loads the tables
 # from here (a few shared-memory loads per block) rather than taking them as constants: as
@@ -567,7 +568,7 @@ def _running_max(s, m):
   rounds of butterfly shuffles over the lanes of a column pair (NaN propagates). Not always the
   exact max, which the online softmax does not need: exp(s − m) ≤ e^MAX_SLACK, and the merge of
   warps and splits weighs each partial by its own m. Most blocks skip the shuffles and the
-  accumulator's rescale (corr = 1)."""
+  accumulator's rescale (corr = 1). MAX_SLACK = None: the exact max every block."""
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
@@ -583,9 +584,10 @@ def _running_max(s, m):
     regs = [_elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
     x = [functools.reduce(arith.maximumf, [r[e] for r in regs]) for e in range(2)]
     old = _elems(m, 0, 0)
-    slack = arith.constant(f32, MAX_SLACK)
+    slack = arith.constant(f32, MAX_SLACK or 0.0)
     over = [arith.cmpf(arith.CmpFPredicate.UGT, x[e], arith.addf(old[e], slack)) for e in range(2)]
-    branch = scf.IfOp(_warp_any(arith.ori(*over)), [f32, f32], has_else=True)
+    need = _warp_any(arith.ori(*over)) if MAX_SLACK is not None else arith.constant(ir.IntegerType.get_signless(1), 1)
+    branch = scf.IfOp(need, [f32, f32], has_else=True)
     with ir.InsertionPoint(branch.then_block):
       y = list(x)
       for lanes in (4, 8, 16):
