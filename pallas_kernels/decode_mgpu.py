@@ -95,6 +95,10 @@ HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coo
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
+# Right shifts by a constant as `mul.hi.u32` (IMAD.HI on the FMA pipe) instead of SHF on the ALU
+# pipe, which the byte permutes and masks keep the busiest (offline SASS: 63 → 7 SHF.R per block
+# and warp for K3/V3, 126 → 128 registers). False: plain shifts (the A/B baseline).
+FMA_SHIFTS = True
 MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4;
 # None: the exact max every block (the A/B baseline)
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
@@ -313,6 +317,8 @@ class _MlirOps:
     return self._consts[v]
 
   def shr(self, x, n):
+    if FMA_SHIFTS and 0 < n < 32:  # x >> n as the high word of x · 2^(32 − n): IMAD.HI, FMA pipe
+      return self._utils.inline_ptx("mul.hi.u32 $0, $1, $2;", x, self.const(1 << (32 - n)), result_types=self._i32)
     return self._arith.shrui(x, self.const(n))
 
   def shr_by(self, x, y):
