@@ -96,8 +96,8 @@ MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
 # Right shifts by a constant as `mul.hi.u32` (IMAD.HI on the FMA pipe) instead of SHF on the ALU
-# pipe, which the byte permutes and masks keep the busiest (offline SASS: 63 → 7 SHF.R per block
-# and warp for K3/V3, 126 → 128 registers). False: plain shifts (the A/B baseline).
+# pipe, which the byte permutes and masks keep the busiest (offline SASS: SHF.R in the loop
+# 57 → 1 per block and warp for K3/V3, 126 → 128 registers). False: plain shifts (A/B baseline).
 FMA_SHIFTS = True
 MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4;
 # None: the exact max every block (the A/B baseline)
@@ -585,16 +585,21 @@ def _running_max(s, m):
     ir, arith, *_, mgpu_utils, _ = _ptx()
     from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
-    ops = _MlirOps()
+    if MAX_SLACK is not None and not MAX_SLACK >= 0:
+      raise ValueError(f"MAX_SLACK={MAX_SLACK} must be None or ≥ 0")
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     regs = [_elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
     x = [functools.reduce(arith.maximumf, [r[e] for r in regs]) for e in range(2)]
     old = _elems(m, 0, 0)
-    slack = arith.constant(f32, MAX_SLACK or 0.0)
-    over = [arith.cmpf(arith.CmpFPredicate.UGT, x[e], arith.addf(old[e], slack)) for e in range(2)]
-    need = _warp_any(arith.ori(*over)) if MAX_SLACK is not None else arith.constant(ir.IntegerType.get_signless(1), 1)
+    if MAX_SLACK is None:
+      need = arith.constant(ir.IntegerType.get_signless(1), 1)
+    else:
+      slack = arith.constant(f32, float(MAX_SLACK))
+      over = [arith.cmpf(arith.CmpFPredicate.UGT, x[e], arith.addf(old[e], slack)) for e in range(2)]
+      need = _warp_any(arith.ori(*over))
     branch = scf.IfOp(need, [f32, f32], has_else=True)
     with ir.InsertionPoint(branch.then_block):
+      ops = _MlirOps()  # its constants stay in this region
       y = list(x)
       for lanes in (4, 8, 16):
         for e in range(2):
@@ -982,7 +987,8 @@ def decode_partial(
   """The kernel under the contract of `tqjax.cache.compressed_partial_reference`.
 
   Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
-  m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0.
+  m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0. m is a running max that may
+  lag the largest logit by up to `MAX_SLACK` (`_running_max`); acc and l are relative to it.
   """
   ok, why = supported(cache)
   if not ok:

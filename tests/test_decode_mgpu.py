@@ -237,6 +237,23 @@ def test_lowers_for_h100(case):
           lowering_platforms=("cuda",))
 
 
+@pytest.mark.lowering
+@pytest.mark.parametrize("slack,fma_shifts", [(None, False), (0.0, True), (4.0, True)])
+def test_lowers_with_ab_constants(slack, fma_shifts, monkeypatch):
+  """The A/B switches of this branch (the exact max, a zero and a positive slack; plain and FMA
+  shifts) lower for an abstract H100; a negative slack is refused."""
+  monkeypatch.setattr(M, "MAX_SLACK", slack)
+  monkeypatch.setattr(M, "FMA_SHIFTS", fma_shifts)
+  test_lowers_for_h100(LOWERING_CASES[4])  # prod keys: both dots, all the dequantizer's shifts
+
+
+@pytest.mark.lowering
+def test_negative_slack_is_refused(monkeypatch):
+  monkeypatch.setattr(M, "MAX_SLACK", -1.0)
+  with pytest.raises(ValueError, match="MAX_SLACK"):
+    test_lowers_for_h100(LOWERING_CASES[0])
+
+
 # The key dot runs in float16: centroids and q (at a power-of-two scale per row) rounded to 2^-11
 # relative, so a logit moves by ≲ 2^-10·Σ|q_j k_j| (≈ 1e-3·|logit| scale, and p·l with it). The
 # value dot runs in bfloat16: centroids (the same for every coordinate of a code) and p·‖v‖ each
@@ -439,8 +456,8 @@ def test_wrapper_with_kernel_model_growing_logits(case, ramp, monkeypatch):
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case,ramp", RAMPS, ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
 def test_gpu_running_max_moves(case, ramp):
-  """Keys growing 4× along the sequence (q·μ > 0 from the keys' +0.4 offset): the running
-  max of a warp moves by less and by more than `MAX_SLACK` in many blocks, so `_running_max`
+  """Keys growing 4× along the sequence (logits of growing magnitude, of either sign by row): the
+  running max of a warp moves by less and by more than `MAX_SLACK` in many blocks, so `_running_max`
   takes both of its branches, with and without a soft cap; within TOL of the reference."""
   _check_case(case, M.decode_partial, ramp)
 
