@@ -99,6 +99,11 @@ KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
 # pipe, which the byte permutes and masks keep the busiest (offline SASS: SHF.R in the loop
 # 57 → 1 per block and warp for K3/V3, 126 → 128 registers). False: plain shifts (A/B baseline).
 FMA_SHIFTS = True
+# Masks (slots outside a row's [lo, hi), and a masked slot's p·‖v‖) only in the blocks that reach
+# past some real row's range: a block-uniform branch (`lax.cond`) saves the compares and selects
+# (~40 ALU instructions per block and warp at K3/V3) everywhere else. Padded rows are then
+# unmasked there, harmlessly (their q is zero and they are dropped). False: masks in every block.
+EDGE_MASKS_ONLY = True
 MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4;
 # None: the exact max every block (the A/B baseline)
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
@@ -107,7 +112,9 @@ MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`
 # constants ptxas kept them in uniform registers and copied one into a register before every
 # `prmt` (129 `IMAD.U32` per block and warp for K3/V3 at D = 128, 12 % of the loop's
 # instructions; loaded, 1.5-2 % faster for K4/V4 and prod keys, neutral for K3/V3).
-_PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", None)
+_PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", "span")
+# "span": words 0, 1 = the largest lo and the smallest hi over the head's real rows: a block inside
+# [span[0], span[1]) needs no masks (`EDGE_MASKS_ONLY`).
 _MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
 BITS = (1, 2, 3, 4)
 _QUAD = 4  # lanes of an mma fragment's column quad: the packed columns of a 128-coordinate half
@@ -801,6 +808,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
     f32 = lambda x: lax.bitcast_convert_type(x, jnp.float32)
     offset, qscale, lo, hi, sqscale = (f32(par["offset"]), f32(par["qscale"]), par["lo"], par["hi"],
                                        f32(par["sqscale"]))
+    span_lo, span_hi = par_smem[_PAR.index("span"), 0], par_smem[_PAR.index("span"), 1]
     shape = (bk, R)
     col = lambda x: lax.broadcast_in_dim(x, shape, [1])
     row = lambda x: lax.broadcast_in_dim(x, shape, [0])
@@ -824,15 +832,24 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
       if soft_cap is not None:
         s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
-      slots = iota + start
-      ok = (slots >= col(lo)) & (slots < col(hi))  # hi ≤ S: the zeros past the end never count
-      s = jnp.where(ok, s, -jnp.inf)
+      inside = (start >= span_lo) & (start + bk <= span_hi) if EDGE_MASKS_ONLY else jnp.bool_(False)
+
+      def masked(x, fill):
+        """x with fill in the slots outside their row's [lo, hi) (hi ≤ S: the zeros past the end
+        never count); x itself in a block inside every real row's range."""
+        def mask(x):
+          slots = iota + start
+          return jnp.where((slots >= col(lo)) & (slots < col(hi)), x, fill)
+
+        return lax.cond(inside, lambda x: x, mask, x) if EDGE_MASKS_ONLY else mask(x)
+
+      s = masked(s, -jnp.inf)
       m_new = _running_max(s, m)
       m_safe = _zero_if_empty(m_new)
       p = jnp.exp(s - m_safe)
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
       lpart = lpart * corr + p
-      pv = jnp.where(ok, p * row(norm(vn_smem, slot)), 0.0)  # where: a masked slot's norm may be NaN
+      pv = masked(p * row(norm(vn_smem, slot)), 0.0)  # a masked slot's norm may be NaN
       acc = value_dot(vc_smem.at[slot], pv.astype(jnp.bfloat16), corr, acc, par_smem)
       plgpu.commit_smem()  # every thread is done with this slot's codes and norms: refill it
       pl.when(i + stages < steps)(functools.partial(fetch, i + stages, slot))
@@ -1033,8 +1050,10 @@ def decode_partial(
   rng = lambda x, fill: rows_of(jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)), fill)
   table_rows = {name: jnp.broadcast_to(x, (n, MAX_ROWS)) for name, x in zip(("tables", "signs"),
                                                                              par_tables(k_bits, v_bits, d))}
+  span = jnp.stack([jnp.max(lo, axis=1), jnp.min(hi, axis=1)], axis=1).astype(jnp.int32)  # [B, 2]: over T
+  span = jnp.pad(jnp.broadcast_to(span[:, None], (b, kh, 2)).reshape(n, 2), [(0, 0), (0, MAX_ROWS - 2)])
   par = {"offset": f32_bits(rows_of(pq.offset.astype(jnp.float32))), "lo": rng(lo, seq), "hi": rng(hi, 0),
-         **table_rows}
+         "span": span, **table_rows}
   zeros = jnp.zeros((n, MAX_ROWS), jnp.int32)  # padded rows attend nothing
   par = jnp.stack([par.get(name, zeros) for name in _PAR], axis=1)  # [N, 8, 8]: a TMA copy of 256 bytes
   qjl = (flat(ks), norms(kr), flat_q(pq.sq[0])) if prod else ()

@@ -237,18 +237,28 @@ def test_lowers_for_h100(case):
           lowering_platforms=("cuda",))
 
 
+@pytest.fixture
+def fresh_traces():
+  """Traces made with patched module constants neither come from nor stay in jax's caches."""
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
 @pytest.mark.lowering
-@pytest.mark.parametrize("slack,fma_shifts", [(None, False), (0.0, True), (4.0, True)])
-def test_lowers_with_ab_constants(slack, fma_shifts, monkeypatch):
+@pytest.mark.parametrize("slack,fma_shifts,edge_masks",
+                         [(None, False, False), (0.0, True, True), (4.0, True, False)])
+def test_lowers_with_ab_constants(slack, fma_shifts, edge_masks, monkeypatch, fresh_traces):
   """The A/B switches of this branch (the exact max, a zero and a positive slack; plain and FMA
-  shifts) lower for an abstract H100; a negative slack is refused."""
+  shifts; masks in every block or only at the edges) lower for an abstract H100."""
   monkeypatch.setattr(M, "MAX_SLACK", slack)
   monkeypatch.setattr(M, "FMA_SHIFTS", fma_shifts)
+  monkeypatch.setattr(M, "EDGE_MASKS_ONLY", edge_masks)
   test_lowers_for_h100(LOWERING_CASES[4])  # prod keys: both dots, all the dequantizer's shifts
 
 
 @pytest.mark.lowering
-def test_negative_slack_is_refused(monkeypatch):
+def test_negative_slack_is_refused(monkeypatch, fresh_traces):
   monkeypatch.setattr(M, "MAX_SLACK", -1.0)
   with pytest.raises(ValueError, match="MAX_SLACK"):
     test_lowers_for_h100(LOWERING_CASES[0])
@@ -348,8 +358,11 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
   for name in ("tables", "signs"):  # the same byte tables for every head: the kernel reads them per head
     assert (row(name) == row(name)[:1]).all()
   assert not (row("qscale").any() or row("sqscale").any())  # the kernel writes the scales
+  rows = q.shape[1]
   q, qscale = _prepared_rows(q, k_bits)
   offset, lo, hi = lax.bitcast_convert_type(row("offset"), jnp.float32), row("lo"), row("hi")
+  # the range every real row attends (the kernel masks only blocks reaching outside it):
+  np.testing.assert_array_equal(row("span")[:, :2], np.stack([lo[:, :rows].max(1), hi[:, :rows].min(1)], 1))
 
   def deq(words, bits, dtype, name, first):  # [N, S, b·W] → [N, S, D] kernel order, centroids from par
     table = jnp.asarray(_table_values(np.asarray(row(name)[0, first:first + 4]), bits, dtype))
