@@ -95,10 +95,6 @@ HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coo
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
 MERGE_UNROLL = 4  # split partials the merging CTA loads at once
 KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
-# Right shifts by a constant as `mul.hi.u32` (IMAD.HI on the FMA pipe) instead of SHF on the ALU
-# pipe, which the byte permutes and masks keep the busiest (offline SASS: SHF.R in the loop
-# 57 → 1 per block and warp for K3/V3, 126 → 128 registers). False: plain shifts (A/B baseline).
-FMA_SHIFTS = True
 # Masks (slots outside a row's [lo, hi), and a masked slot's p·‖v‖) only in the blocks that reach
 # past some real row's range: a block-uniform branch (`lax.cond`) saves the compares and selects
 # (~40 ALU instructions per block and warp at K3/V3) everywhere else. Padded rows are then
@@ -324,8 +320,6 @@ class _MlirOps:
     return self._consts[v]
 
   def shr(self, x, n):
-    if FMA_SHIFTS and 0 < n < 32:  # x >> n as the high word of x · 2^(32 − n): IMAD.HI, FMA pipe
-      return self._utils.inline_ptx("mul.hi.u32 $0, $1, $2;", x, self.const(1 << (32 - n)), result_types=self._i32)
     return self._arith.shrui(x, self.const(n))
 
   def shr_by(self, x, y):

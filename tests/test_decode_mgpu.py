@@ -246,13 +246,11 @@ def fresh_traces():
 
 
 @pytest.mark.lowering
-@pytest.mark.parametrize("slack,fma_shifts,edge_masks",
-                         [(None, False, False), (0.0, True, True), (4.0, True, False)])
-def test_lowers_with_ab_constants(slack, fma_shifts, edge_masks, monkeypatch, fresh_traces):
-  """The A/B switches of this branch (the exact max, a zero and a positive slack; plain and FMA
-  shifts; masks in every block or only at the edges) lower for an abstract H100."""
+@pytest.mark.parametrize("slack,edge_masks", [(None, False), (0.0, True), (4.0, False)])
+def test_lowers_with_ab_constants(slack, edge_masks, monkeypatch, fresh_traces):
+  """The A/B switches (the exact max, a zero and a positive slack; masks in every block or only
+  at the edges) lower for an abstract H100."""
   monkeypatch.setattr(M, "MAX_SLACK", slack)
-  monkeypatch.setattr(M, "FMA_SHIFTS", fma_shifts)
   monkeypatch.setattr(M, "EDGE_MASKS_ONLY", edge_masks)
   test_lowers_for_h100(LOWERING_CASES[4])  # prod keys: both dots, all the dequantizer's shifts
 
