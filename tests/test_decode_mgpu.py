@@ -11,7 +11,10 @@ MLIR in the kernel)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -533,6 +536,43 @@ def test_kernel_time_harness(monkeypatch):
       KT.apply({"FOO": 1})
   finally:
     KT.apply({})
+
+
+@pytest.mark.math
+def test_kernel_time_source_and_wall(monkeypatch, tmp_path):
+  """experiments/kernel_time.py: a "source" variant is the module `dispatch` imports, with its own
+  constants set and reset, until a variant without one restores decode_mgpu; `wall` times every
+  (variant, config), interleaved (here the XLA path on CPU stands in for the kernel)."""
+  from experiments import kernel_time as KT  # noqa: PLC0415
+
+  source = tmp_path / "other.py"
+  source.write_text(Path(M.__file__).read_text())
+  monkeypatch.setattr(jax, "clear_caches", lambda: None)
+  imported = lambda: importlib.import_module("pallas_kernels.decode_mgpu")
+  try:
+    KT.apply({"source": str(source), "STAGES": 5})
+    other = imported()
+    assert other is not M and other.__file__ == str(source) and other.STAGES == 5 and M.STAGES == KT.DEFAULTS["STAGES"]
+    KT.apply({"source": str(source)})
+    assert imported() is other and other.STAGES == KT.DEFAULTS["STAGES"]
+    with pytest.raises(ValueError, match="FOO"):
+      KT.apply({"source": str(source), "FOO": 1})
+    KT.apply({"STAGES": 3})
+    assert imported() is M and M.STAGES == 3
+  finally:
+    KT.apply({})
+  assert imported() is M and M.STAGES == KT.DEFAULTS["STAGES"]
+
+  seen = []
+  monkeypatch.setattr(KT, "WALL_CALLS", 2)
+  monkeypatch.setattr(KT, "WALL_DISPATCHES", 1)
+  monkeypatch.setattr(dispatch, "_mosaic_decode", lambda cache, rows: seen.append(imported().STAGES) or True)
+  monkeypatch.setattr(dispatch, "attention", lambda cache, q: C.attention(cache, q, implementation="xla"))
+  args = SimpleNamespace(configs=["K3/V3", "K4/V4"], head_dim=64, seq=64, reps=2)
+  got = KT.wall(args, [{}, {"STAGES": 3}])
+  assert seen == [KT.DEFAULTS["STAGES"], 3] * 2 and M.STAGES == KT.DEFAULTS["STAGES"]
+  assert sorted(got) == [(i, c) for i in (0, 1) for c in args.configs]
+  assert all(len(x) == KT.ROUNDS * 2 and all(0 < t[KT.DURATION] < 1e7 for t in x) for x in got.values())
 
 
 @pytest.mark.math
