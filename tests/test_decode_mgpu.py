@@ -466,6 +466,87 @@ def test_wrapper_with_kernel_model_growing_logits(case, ramp, monkeypatch):
   _check_case(case, M.decode_partial.__wrapped__, ramp)
 
 
+def _lazy_softmax_model(s, v, slack, d, per_split):
+  """NumPy model (float64) of the kernel's online softmax with `_running_max`'s rule, in its token
+  order: s [S, R] logits of one kv head's rows (−inf outside a row's range; NaN allowed), v [S]
+  (one value coordinate); per split of `per_split` blocks of `block_tokens(d)` tokens, each of the
+  4 warps runs over its `TILES[d]` 16-token tiles of every block (tokens 64t + 16w .. + 15) with
+  a running max that moves, to the exact max, only when a logit of the warp exceeds it by more
+  than `slack` (None: every block); the partials are merged by their own maxima.
+  → (o [R], blocks where a warp's max moved, blocks where it held, the largest p = exp(s − m))."""
+  seq, bk = s.shape[0], M.block_tokens(d)
+  tile = np.arange(16)
+  parts, moves, holds, p_max = [], 0, 0, 0.0
+  for first in range(0, seq, per_split * bk):
+    for w in range(4):
+      m, l, acc = np.full(s.shape[1], -np.inf), np.zeros(s.shape[1]), np.zeros(s.shape[1])
+      for b0 in range(first, min(first + per_split * bk, seq), bk):
+        idx = np.concatenate([b0 + 64 * t + 16 * w + tile for t in range(M.TILES[d])])
+        idx = idx[idx < seq]
+        if not idx.size:
+          continue
+        x = s[idx]
+        if slack is None or np.any(~(x.max(0) <= m + slack)):  # NaN counts as exceeding
+          new, moves = np.maximum(m, x.max(0)), moves + 1
+        else:
+          new, holds = m, holds + 1
+        live = ~np.isneginf(new)
+        corr = np.where(live, np.exp(np.where(live, m - np.where(live, new, 0.0), 0.0)), 1.0)
+        p = np.where(live, np.exp(x - np.where(live, new, 0.0)), 0.0)
+        p_max = max(p_max, np.nanmax(p, initial=0.0))
+        l, acc, m = l * corr + p.sum(0), acc * corr + (p * v[idx, None]).sum(0), new
+      parts.append((m, l, acc))
+  m, l, acc = (np.stack(x) for x in zip(*parts))
+  top = m.max(0)
+  weight = np.where(np.isneginf(m), 0.0, np.exp(m - np.where(np.isneginf(top), 0.0, top)))
+  return (acc * weight).sum(0) / (l * weight).sum(0), moves, holds, p_max
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("case,ramp", RAMPS + [(GPU_CASES[0], 0.0)],
+                         ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
+def test_lazy_softmax_model(case, ramp):
+  """The lazy running max (`MAX_SLACK`) on the logits of `test_gpu_running_max_moves` (before
+  quantization, real rows only), in a NumPy model of the kernel's token order and splits: the
+  same softmax as the exact max (float64), p never above e^slack, the max held in more blocks
+  with a slack than without, and with the ramp both branches taken in many blocks; an exact max
+  moves in every block; a NaN logit gives NaN."""
+  cfgkw, b, kh, g, t, seq, lengths, cap, win = case
+  d = cfgkw.get("head_dim", 128)
+  r = np.random.default_rng(seq)  # `_check_case`'s data
+  k = (r.standard_normal((b, kh, seq, d)) + 0.4) * (1.0 + ramp * np.linspace(0.0, 1.0, seq)[:, None])
+  v = r.standard_normal((b, kh, seq, d))[..., 0]
+  q = r.standard_normal((b, kh, g, t, d)).reshape(b, kh, g * t, d) * 2 / math.sqrt(d)
+  lo, hi = (np.asarray(x) for x in C.query_ranges(SimpleNamespace(lengths=jnp.asarray(lengths), capacity=seq), t, win))
+  nblocks = -(-seq // M.block_tokens(d))
+  per_split = -(-nblocks // M.default_num_splits(b * kh, seq, M.block_tokens(d)))
+  counts = {}
+  for bi in range(b):
+    slots = np.arange(seq)[:, None]
+    ok = np.tile((slots >= lo[bi]) & (slots < hi[bi]), (1, g))  # [S, G·T]: row g·T + t attends like t
+    for h in range(kh):
+      s = np.einsum("sd,rd->sr", k[bi, h], q[bi, h])
+      if cap is not None:
+        s = cap * np.tanh(s / cap)
+      s = np.where(ok, s, -np.inf)
+      if not ok.any():
+        continue
+      with np.errstate(invalid="ignore"):
+        e = np.exp(s - s.max(0))
+        exact = (e * v[bi, h][:, None]).sum(0) / e.sum(0)
+      for slack in (None, 0.0, M.MAX_SLACK):
+        o, moves, holds, p_max = _lazy_softmax_model(s, v[bi, h], slack, d, per_split)
+        np.testing.assert_allclose(o, exact, rtol=1e-10, atol=1e-12, equal_nan=True)
+        assert p_max <= np.exp(slack or 0.0) * (1 + 1e-12)
+        counts[slack] = np.add(counts.get(slack, 0), (moves, holds))
+      s[s.shape[0] // 2, 0] = np.nan
+      assert np.isnan(_lazy_softmax_model(s, v[bi, h], M.MAX_SLACK, d, per_split)[0][0])
+  assert counts[None][1] == 0 and counts[None][0] > 0
+  assert counts[M.MAX_SLACK][1] >= counts[0.0][1] > 0, counts  # a slack holds the max in more blocks
+  if ramp:  # 13-181 moves and 75-382 holds per case
+    assert min(*counts[M.MAX_SLACK], *counts[0.0]) >= 10, counts
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case,ramp", RAMPS, ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
