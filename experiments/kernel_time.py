@@ -195,6 +195,7 @@ def main(argv=None) -> None:
   ap.add_argument("--metrics", default="", help='extra ncu metrics, comma-separated, or "stalls"')
   ap.add_argument("--check", action="store_true", help="compare each variant with the reference, no timing")
   ap.add_argument("--wall", action="store_true", help="µs per call by the host's clock, no ncu (see `wall`)")
+  ap.add_argument("--ncu-timeout", type=float, default=240.0, help="seconds before giving up on ncu")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args(argv)
@@ -219,7 +220,11 @@ def main(argv=None) -> None:
     cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([DURATION, *extra]), "-k", f"regex:{KERNEL}",
            sys.executable, __file__, "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
            "--head-dim", str(args.head_dim), "--seq", str(args.seq), "--reps", str(args.reps)]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+      run = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.ncu_timeout)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f"ncu did not finish in {args.ncu_timeout} s (it hung on every run of session 12's "
+                         "kernel; --wall times without it)") from e
     if run.returncode:
       raise RuntimeError(f"ncu exited with {run.returncode}:\n{(run.stdout + run.stderr)[-3000:]}")
     got = parse(run.stdout, variants, args.configs, args.reps)
