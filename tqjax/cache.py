@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from tqjax import packing
-from tqjax.codebook import check_bits
+from tqjax.codebook import check_bits, dequantize
 from tqjax.qjl import project, signs as qjl_signs
 from tqjax.quantizer import (
     Code,
@@ -232,8 +232,9 @@ def scatter_tokens(dst: jax.Array, src: jax.Array, pos: jax.Array, ok: jax.Array
   b = jnp.arange(dst.shape[0])[:, None, None]
   h = jnp.arange(dst.shape[1])[None, :, None]
   # Index arrays broadcast to [B, K, T], matching src's leading dims: an in-place scatter of
-  # T tokens, with no transpose of the whole cache.
-  return dst.at[b, h, slots].set(src, mode="drop")
+  # T tokens, with no transpose of the whole cache. The result is sharded as dst (explicit mesh
+  # axes need it said).
+  return dst.at[b, h, slots].set(src, mode="drop", out_sharding=jax.typeof(dst).sharding)
 
 
 def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
@@ -242,7 +243,10 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
   prefill's write; measured ~1.5x faster than the scatter on an H100)."""
   t = min(src.shape[2], dst.shape[2])
   keep = ok[:, :t].reshape(ok.shape[0], 1, t, *(1,) * (src.ndim - 3))
-  return dst.at[:, :, :t].set(jnp.where(keep, src[:, :, :t], dst[:, :, :t]))
+  new = jnp.where(keep, src[:, :, :t], dst[:, :, :t])
+  # A prompt as long as the cache replaces it whole; as a slice update of the whole array, XLA:CPU
+  # (jax 0.11.2) crashed compiling it under shard_map.
+  return new if t == dst.shape[2] else dst.at[:, :, :t].set(new)
 
 
 def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
@@ -421,6 +425,19 @@ def append_checked(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Arra
 # ----------------------------------------------------------------------------- accounting
 
 
+def partition_specs(cache: KVCache, axis: str | tuple[str, ...] = "x") -> KVCache:
+  """The cache's `PartitionSpec`s, a KVCache-shaped pytree, for sharding its sequences over mesh
+  `axis`: P(axis) on every per-sequence array (codes, norms, lengths, key mean, channel
+  permutations, window), P() on the quantizers' constants. For `jax.shard_map`'s in_specs /
+  out_specs, or `NamedSharding`s to `jax.device_put` the cache with."""
+  P = jax.sharding.PartitionSpec
+  rep = lambda tree: jax.tree_util.tree_map(lambda _: P(), tree)
+  seq = lambda tree: jax.tree_util.tree_map(lambda _: P(axis), tree)
+  store = lambda s: Store(rep(s.quantizer), seq(s.main), rep(s.outlier_quantizer), seq(s.outlier), seq(s.perm))
+  return KVCache(cache.config, store(cache.k), store(cache.v), P(axis), seq(cache.key_mean), seq(cache.window_k),
+                 seq(cache.window_v))
+
+
 def nbytes(cache: KVCache) -> int:
   """Bytes resident in the cache's per-token and per-sequence arrays (quantizer constants excluded)."""
   leaves = [cache.k.main, cache.k.outlier, cache.k.perm, cache.v.main, cache.v.outlier, cache.v.perm]
@@ -471,8 +488,7 @@ def _unpack_centroids(tq: Quantizer, codes: jax.Array) -> jax.Array:
   """Codebook values [..., d] (float32) of packed codes [..., words]; zeros without a codebook."""
   if tq.codebook is None:
     return jnp.zeros((*codes.shape[:-1], tq.dim), jnp.float32)
-  idx = packing.unpack(codes, tq.codebook.bits, tq.dim)
-  return tq.codebook.centroids[idx.astype(jnp.int32)]
+  return dequantize(tq.codebook, packing.unpack(codes, tq.codebook.bits, tq.dim))
 
 
 @functools.partial(
@@ -579,7 +595,9 @@ def compressed_partial_reference(cache, pq, lo, hi, soft_cap, block_size=1024):
   accs0 = tuple(jnp.zeros((b, kh, g, t, tq.dim), jnp.float32) for tq, _ in vstores)
   m0 = jnp.full((b, kh, g, t), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((b, kh, g, t), jnp.float32)
-  return jax.lax.fori_loop(0, num_blocks, body, (accs0, m0, l0))
+  # The first block runs outside the loop: under shard_map its carry is varying over the mesh
+  # axes of the inputs, which the constant initial values are not (the loop needs both equal).
+  return jax.lax.fori_loop(1, num_blocks, body, body(0, (accs0, m0, l0)))
 
 
 def _finish_values(cache: KVCache, accs: tuple, l: jax.Array) -> jax.Array:

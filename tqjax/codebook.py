@@ -115,5 +115,7 @@ def quantize(cb: Codebook, y: jax.Array) -> jax.Array:
 
 
 def dequantize(cb: Codebook, idx: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Centroid values for codes. idx: [...] integer codes; returns [...] of `dtype`."""
-  return cb.centroids.astype(dtype)[idx.astype(jnp.int32)]
+  """Centroid values for codes. idx: [...] integer codes; returns [...] of `dtype`, sharded as idx
+  (the codebook is replicated; with explicit mesh axes jax asks the gather for its sharding)."""
+  idx = jnp.asarray(idx).astype(jnp.int32)
+  return cb.centroids.astype(dtype).at[idx].get(out_sharding=jax.typeof(idx).sharding)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tqjax import packing
-from tqjax.codebook import Codebook, check_bits, make_codebook, quantize
+from tqjax.codebook import Codebook, check_bits, dequantize, make_codebook, quantize
 from tqjax.qjl import QJL_KINDS, Qjl, make_qjl, qjl_decode, qjl_encode, qjl_ip
 from tqjax.rotation import ROTATION_KINDS, Rotation, make_rotation, rotate, unrotate
 
@@ -202,7 +202,7 @@ def _codebook_direction(tq: Quantizer, codes: jax.Array, dtype) -> jax.Array:
   cb = tq.codebook
   if cb is None:  # prod at 1 bit: no codebook stage
     return jnp.zeros((*codes.shape[:-1], tq.dim), dtype)
-  return cb.centroids.astype(dtype)[packing.unpack(codes, cb.bits, tq.dim).astype(jnp.int32)]
+  return dequantize(cb, packing.unpack(codes, cb.bits, tq.dim), dtype)
 
 
 def encode(tq: Quantizer, x: jax.Array) -> Code:
