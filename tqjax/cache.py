@@ -243,7 +243,7 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
   prefill's write; measured ~1.5x faster than the scatter on an H100)."""
   t = min(src.shape[2], dst.shape[2])
   keep = ok[:, :t].reshape(ok.shape[0], 1, t, *(1,) * (src.ndim - 3))
-  new = jnp.where(keep, src[:, :, :t], dst[:, :, :t])
+  new = jnp.where(keep, src[:, :, :t], dst[:, :, :t]).astype(dst.dtype)
   # A prompt as long as the cache replaces it whole; as a slice update of the whole array, XLA:CPU
   # (jax 0.11.2) crashed compiling it under shard_map.
   return new if t == dst.shape[2] else dst.at[:, :, :t].set(new)
