@@ -3,6 +3,7 @@
   PYTHONPATH=. python experiments/bench_decode.py            # GPU: checks + full table
   PYTHONPATH=. python experiments/bench_decode.py --quick    # CPU smoke run (XLA paths, tiny shapes)
   PYTHONPATH=. python experiments/bench_decode.py --pipelined 20  # dispatch 20 calls per sample, sync once
+  PYTHONPATH=. python experiments/bench_decode.py --pipelined 20 --headline --only S=32k  # baselines + default kernel
   PYTHONPATH=. python experiments/bench_decode.py --plot-from results/bench_decode_X.json  # re-plot a run
 
 In one process: the card's copy bandwidth (x + 1 on a large array, read + write), XLA dense bf16
@@ -273,6 +274,8 @@ def main(argv=None):
   ap.add_argument("--only", default="", help="comma list of shape names to run")
   ap.add_argument("--pipelined", type=int, default=0, metavar="N",
                   help="time N jitted calls dispatched back to back per sample (default: sync each call)")
+  ap.add_argument("--headline", action="store_true",
+                  help="only the baselines and the default kernel: no 'ours xla' and Triton bf16-dots rows")
   ap.add_argument("--plot-from", metavar="JSON", help="only plot an existing results JSON to <same stem>.png")
   args = ap.parse_args(argv)
   if args.plot_from:
@@ -343,7 +346,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"bench_decode_{device.replace(' ', '_').replace('/', '_')}_{date}" + ("_quick" if args.quick else "")
-            + (f"_pipelined{PIPELINE}" if PIPELINE else ""))
+            + (f"_pipelined{PIPELINE}" if PIPELINE else "") + ("_headline" if args.headline else ""))
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, out / f"{stem}.png")
@@ -402,7 +405,7 @@ def main(argv=None):
       caches = [random_cache(cfg, b, kh, s, seed=1000 * i + s) for i in range(nbuf)]
       nbytes = cache_read_bytes(caches[0])
       xla = lambda cache, q: C.attention(cache, q, implementation="xla")
-      if s <= 32768 or args.quick:
+      if (s <= 32768 or args.quick) and not args.headline:
         add(f"ours xla {cname}", bench(xla, list(zip(cycle(caches), qs)), reps=max(3, reps // 3)), nbytes)
       if use_kernel:
         from pallas_kernels import dispatch
@@ -414,10 +417,11 @@ def main(argv=None):
         ref = np.asarray(jax.jit(xla)(caches[0], qs[0]))
         err = rel_err(jax.jit(pal)(caches[0], qs[0]), ref)
         add(f"ours pallas {kernel} {cname}", bench(pal, list(zip(cycle(caches), qs)), reps=reps), nbytes, err)
-        pal16 = lambda cache, q: dispatch.attention(cache, q, dot_dtype="bfloat16")
-        err = rel_err(jax.jit(pal16)(caches[0], qs[0]), ref)
-        add(f"ours pallas triton bf16-dots {cname}", bench(pal16, list(zip(cycle(caches), qs)), reps=reps), nbytes,
-            err)
+        if not args.headline:
+          pal16 = lambda cache, q: dispatch.attention(cache, q, dot_dtype="bfloat16")
+          err = rel_err(jax.jit(pal16)(caches[0], qs[0]), ref)
+          add(f"ours pallas triton bf16-dots {cname}", bench(pal16, list(zip(cycle(caches), qs)), reps=reps),
+              nbytes, err)
       del caches
     cud = [r for r in rows if r["impl"] == "cudnn bf16"]
     for r in rows:

@@ -683,7 +683,7 @@ def test_sass_mix_finds_the_main_loop():
 @pytest.mark.math
 def test_bench_decode_quick_runs(tmp_path):
   """experiments/bench_decode.py --quick (XLA paths, queries cycling over the buffers) writes its
-  table: every row timed, finite and positive."""
+  table: every row timed, finite and positive; --headline leaves out our XLA rows."""
   import json  # noqa: PLC0415
 
   from experiments import bench_decode as BD  # noqa: PLC0415
@@ -694,3 +694,6 @@ def test_bench_decode_quick_runs(tmp_path):
   assert [r["impl"] for r in rows] == ["xla bf16", "xla int8 (per-token scale)"] + [
       f"ours xla {c}" for c in BD.CONFIGS]
   assert all(np.isfinite(r["us"]) and r["us"] > 0 for r in rows)
+  BD.main(["--quick", "--headline", "--out", str(tmp_path), "--reps", "3"])  # the baselines only, on CPU
+  (path,) = tmp_path.glob("bench_decode_*_quick_headline.json")
+  assert [r["impl"] for r in json.loads(path.read_text())["rows"]] == ["xla bf16", "xla int8 (per-token scale)"]
