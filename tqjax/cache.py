@@ -422,9 +422,6 @@ def append_checked(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Arra
   return checkify.checkify(checked)(cache, k, v, num_new)
 
 
-# ----------------------------------------------------------------------------- accounting
-
-
 def partition_specs(cache: KVCache, axis: str | tuple[str, ...] = "x") -> KVCache:
   """The cache's `PartitionSpec`s, a KVCache-shaped pytree, for sharding its sequences over mesh
   `axis`: P(axis) on every per-sequence array (codes, norms, lengths, key mean, channel
@@ -436,6 +433,9 @@ def partition_specs(cache: KVCache, axis: str | tuple[str, ...] = "x") -> KVCach
   store = lambda s: Store(rep(s.quantizer), seq(s.main), rep(s.outlier_quantizer), seq(s.outlier), seq(s.perm))
   return KVCache(cache.config, store(cache.k), store(cache.v), P(axis), seq(cache.key_mean), seq(cache.window_k),
                  seq(cache.window_v))
+
+
+# ----------------------------------------------------------------------------- accounting
 
 
 def nbytes(cache: KVCache) -> int:
