@@ -29,14 +29,16 @@ of 2 or 6 words per token need at least two).
   for the low and one for the high bytes of the 16-bit centroids (float16 for keys, bfloat16 for
   values), two more interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit
   codes use the codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped
-  by a third `prmt` + XOR.
+  by a third `prmt` + XOR. 1-bit codes (QJL signs, 1-bit codebooks: symmetric too) need no lookup:
+  one shift brings the bits of two slots to the pair's sign bits, one LOP3 sets ±entry 1
+  (`_sign_pairs`, ≈ 1 instruction per coordinate).
 * Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, D] · qᵀ in float16, D/16
   mma k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
   their B fragments built once per CTA from the float32 rows of the rotation's output
   (`_prepare_query`; references `_float16_rows`, `q_fragments`); × q scale × key norms,
   + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching past S gets zeros
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
-  row, expanded by the same permutes into ±1 (`SIGN_TABLE`) for a second float16 dot against
+  row, expanded into ±1 (`SIGN_TABLE`, `_sign_pairs`) for a second float16 dot against
   S·q/(κ·m), × the residual norms.
 * Online softmax per warp: its running max moves only when a logit of its 16·TILES[D] tokens
   exceeds it by more than `MAX_SLACK` (one vote), then by three rounds of shuffles
@@ -165,9 +167,9 @@ def _spread_even(x, ops):
 
 
 def _selectors(words, bits: int, ops, slots: int = 32):
-  """Selector words of a token's packed column: list of (word, slots), each word holding the
-  codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits, (magnitude index, negative
-  flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows; or,
+  """Selector words of a token's packed column (2-4 bits; 1 bit: `_sign_pairs`): list of (word,
+  slots), each word holding the codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits,
+  (magnitude index, negative flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows; or,
   with slots = 16, the words of one half of it (slots 16h .. 16h + 15, numbered from 0 here) as
   `_half_words` gives them."""
   halves = slots // 16
@@ -179,14 +181,6 @@ def _selectors(words, bits: int, ops, slots: int = 32):
       neg = ops.band(ops.bxor(ops.shr(x, 3), ops.const(0xFFFFFFFF)), ops.const(0x11111111))
       idx = ops.band(ops.bxor(x, ops.mul(neg, 7)), ops.const(0x77777777))
       out.append(((idx, neg), [8 * r + m for m in range(8)]))
-    return out
-  if bits == 1:
-    (c,) = words
-    spread = [_spread_even(c, ops)] + ([_spread_even(ops.shr(c, 16), ops)] if halves == 2 else [])  # slot s: bit 2s
-    out = []
-    for h, e in enumerate(spread):
-      one = ops.const(0x11111111)
-      out += [(ops.band(e, one), [16 * h + s for s in even]), (ops.band(ops.shr(e, 2), one), [16 * h + s for s in odd])]
     return out
   low = words[:halves]  # 2-bit rows: slots 16h + m at bits 2m
   tops = None
@@ -216,10 +210,30 @@ def _lookup(sel, tables, ops):
   return ops.prmt(lo, hi, ops.const(0x5140)), ops.prmt(lo, hi, ops.const(0x7362))
 
 
+def _sign_pairs(word, tables, ops, slots: int = 32):
+  """1-bit codes of a symmetric table (entry 0 = −entry 1: `SIGN_TABLE`, the 1-bit codebooks) →
+  slots / 2 pairs: pair p holds slots p (low half) and p + slots / 2 (high half), ±entry 1 by the
+  sign bit. One shift (bits p and p + 16 to bits 15 and 31) and one LOP3 ((~x & 0x80008000) |
+  entry 1 in both halves) per pair; at slots = 16 a `prmt` first moves slots 8-15 to bits 16-23."""
+  l0, _, h0, _ = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
+  one = ops.bor(ops.band(ops.shr(l0, 8), ops.const(0xFF)), ops.band(h0, ops.const(0xFF00)))  # entry 1
+  both = ops.bor(one, ops.shl(one, 16))
+  if slots == 16:
+    word = ops.prmt(word, ops.const(0), ops.const(0x4140))  # bytes [slots 0-7, 0, slots 8-15, 0]
+  signs = ops.const(0x80008000)
+  pairs = []
+  for p in range(slots // 2):
+    x = ops.shl(word, 15 - p) if p < 15 else word
+    pairs.append(ops.bor(ops.band(ops.bxor(x, ops.const(0xFFFFFFFF)), signs), both))
+  return pairs
+
+
 def expand(words, bits: int, tables, ops, slots: int = 32):
   """A token's packed column (b words; or, slots = 16, half of one: `_half_words`) → slots / 2
   bf16 pairs (uint32, low half first): the thread's mma-operand columns 8k + 2c + e in order
   k = 0, 1, .. (`kernel_slots` gives the slots)."""
+  if bits == 1:
+    return _sign_pairs(words[0], tables, ops, slots)
   pairs = []
   for sel, _ in _selectors(words, bits, ops, slots):
     shift = (lambda s: (ops.shr(s[0], 16), ops.shr(s[1], 16))) if isinstance(sel, tuple) else (lambda s: ops.shr(s, 16))
@@ -231,6 +245,8 @@ def expand(words, bits: int, tables, ops, slots: int = 32):
 def kernel_slots(bits: int, slots: int = 32) -> np.ndarray:
   """[slots]: the thread's operand column 8k + 2c + e holds slot kernel_slots[2k + e] of its
   packed column (slots = 16: of its half of one, numbered from 0)."""
+  if bits == 1:  # `_sign_pairs`
+    return np.stack([np.arange(slots // 2), np.arange(slots // 2) + slots // 2], axis=1).reshape(-1)
   out = []
   words = [np.uint32(0)] * bits if slots == 32 else _half_words(lambda a, b: np.uint32(0), bits, 0, NumpyOps)
   for _, got in _selectors(words, bits, NumpyOps, slots):
@@ -277,14 +293,12 @@ def kernel_perm(bits: int, d: int) -> np.ndarray:
 
 def byte_tables(bits: int, dtype, dim: int) -> tuple[int, int, int, int]:
   """The lookup table of the `bits`-bit codebook in `dtype` (bfloat16 or float16): the codebook
-  (b ≤ 3, zero-padded to 8 entries) or its 8 non-negative magnitudes (b = 4; the sign is the top
-  bit of the high byte in both dtypes). See `table_words`."""
+  (b ≤ 3, zero-padded to 8 entries; b = 1 read by `_sign_pairs`) or its 8 non-negative magnitudes
+  (b = 4; the sign is the top bit of the high byte in both dtypes). See `table_words`."""
   c = np.asarray(lloyd_max(bits, dim)[0], np.float64)
-  if bits == 4:
-    if not np.allclose(c[8:], -c[7::-1], rtol=1e-12, atol=0):
-      raise AssertionError("the 4-bit codebook is not symmetric")
-    c = c[8:]
-  return table_words(c, dtype)
+  if bits in (1, 4) and not np.allclose(c[2**bits // 2:], -c[2**bits // 2 - 1::-1], rtol=1e-12, atol=0):
+    raise AssertionError(f"the {bits}-bit codebook is not symmetric (`_sign_pairs`, `_lookup` need it)")
+  return table_words(c[8:] if bits == 4 else c, dtype)
 
 
 def table_words(values, dtype) -> tuple[int, int, int, int]:
@@ -298,7 +312,7 @@ def table_words(values, dtype) -> tuple[int, int, int, int]:
   return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
 
-SIGN_TABLE = table_words([-1.0, 1.0], np.float16)  # QJL sign bits 0 / 1 → −1 / +1 (1-bit `expand`)
+SIGN_TABLE = table_words([-1.0, 1.0], np.float16)  # QJL sign bits 0 / 1 → −1 / +1 (`_sign_pairs`)
 
 
 class _MlirOps:
