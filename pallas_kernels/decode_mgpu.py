@@ -169,9 +169,9 @@ def _spread_even(x, ops):
 def _selectors(words, bits: int, ops, slots: int = 32):
   """Selector words of a token's packed column (2-4 bits; 1 bit: `_sign_pairs`): list of (word,
   slots), each word holding the codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits,
-  (magnitude index, negative flags) pairs instead of codes. words: this column's b packed words, `tqjax.packing` rows; or,
-  with slots = 16, the words of one half of it (slots 16h .. 16h + 15, numbered from 0 here) as
-  `_half_words` gives them."""
+  (magnitude index, negative flags) pairs instead of codes. words: this column's b packed words,
+  `tqjax.packing` rows; or, with slots = 16, the words of one half of it (slots 16h .. 16h + 15,
+  numbered from 0 here) as `_half_words` gives them."""
   halves = slots // 16
   m2, m3 = ops.const(0x33333333), ops.const(0xCCCCCCCC)
   even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
@@ -213,8 +213,9 @@ def _lookup(sel, tables, ops):
 def _sign_pairs(word, tables, ops, slots: int = 32):
   """1-bit codes of a symmetric table (entry 0 = −entry 1: `SIGN_TABLE`, the 1-bit codebooks) →
   slots / 2 pairs: pair p holds slots p (low half) and p + slots / 2 (high half), ±entry 1 by the
-  sign bit. One shift (bits p and p + 16 to bits 15 and 31) and one LOP3 ((~x & 0x80008000) |
-  entry 1 in both halves) per pair; at slots = 16 a `prmt` first moves slots 8-15 to bits 16-23."""
+  sign bit (bit clear: entry 0). One shift (word bits p and p + 16 to bits 15 and 31) and one
+  LOP3 ((~x & 0x80008000) | entry 1 in both halves) per pair; at slots = 16 a `prmt` first moves
+  slots 8-15 to bits 16-23."""
   l0, _, h0, _ = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
   one = ops.bor(ops.band(ops.shr(l0, 8), ops.const(0xFF)), ops.band(h0, ops.const(0xFF00)))  # entry 1
   both = ops.bor(one, ops.shl(one, 16))
