@@ -1,5 +1,6 @@
 """tqjax under shard_map and under jit with sharded inputs, on 4 CPU devices (run by
-tests/test_sharding.py in a process of its own: the device count is fixed when jax starts).
+tests/test_sharding.py in a process of its own: the device count is fixed when jax starts): the
+quantizer, the cache's XLA paths, the Triton decode kernel (interpret mode) and the Flax layer.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_check.py
 
@@ -23,8 +24,10 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tqjax  # noqa: E402
+from flax import nnx  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import nn as tnn  # noqa: E402
 
 DEVICES = 4
 CONFIGS = [  # centred keys (a per-sequence key mean); prod keys with outlier channels and a window
@@ -106,6 +109,33 @@ def check_cache(mesh, r, cfg: C.CacheConfig) -> None:
   assert got[1].sharding.spec[0] == "x", got[1].sharding  # the output stays sharded over sequences
   same(f"{name}: jit with NamedSharding inputs", got, want)
 
+def check_flax(mesh, r, cfg: C.CacheConfig) -> None:
+  """The Flax NNX layer, data-parallel: prefill (ragged lengths) then a decode step under jit, its
+  parameters replicated and its cache (`partition_specs`) and inputs sharded over the batch."""
+  b, t, f = 8, 12, 128
+  layer = tnn.TurboQuantAttention(f, 4, 2, cfg.head_dim, cache_config=cfg, use_rope=True, soft_cap=30.0,
+                                  rngs=nnx.Rngs(0))
+  layer.init_cache(batch_size=b, max_length=32)
+  x = jnp.asarray(r.standard_normal((b, t, f)), jnp.float32)
+  x1 = jnp.asarray(r.standard_normal((b, 1, f)), jnp.float32)
+  lengths = jnp.asarray(r.integers(1, t + 1, b), jnp.int32)
+  graphdef, params, cache = nnx.split(layer, nnx.Param, nnx.Cache)
+
+  def run(params, cache, x, lengths, x1):
+    model = nnx.merge(graphdef, params, cache)
+    y = model(x, mode="prefill", lengths=lengths)
+    y1 = model(x1, mode="decode")
+    return y, y1, nnx.state(model, nnx.Cache)
+
+  want = jax.jit(run)(params, cache, x, lengths, x1)
+  layer.kv_cache.set_value(jax.tree.map(lambda a, spec: put(mesh, a, spec), layer.cache, C.partition_specs(layer.cache)))
+  _, params, cache = nnx.split(layer, nnx.Param, nnx.Cache)
+  params = jax.tree.map(lambda a: put(mesh, a, P()), params)
+  got = jax.jit(run)(params, cache, *(put(mesh, a, P("x")) for a in (x, lengths, x1)))
+  assert got[1].sharding.spec[0] == "x", got[1].sharding  # the decode output stays sharded over the batch
+  same(f"flax layer K{cfg.k_bits}{cfg.k_variant}/V{cfg.v_bits}: jit with NamedSharding inputs", got, want)
+
+
 def main() -> None:
   assert jax.device_count() == DEVICES, f"needs XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
   for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
@@ -115,6 +145,7 @@ def main() -> None:
     check_quantizer(mesh, r)
     for cfg in CONFIGS:
       check_cache(mesh, r, cfg)
+      check_flax(mesh, r, cfg)
 
 
 if __name__ == "__main__":
