@@ -109,6 +109,7 @@ def check_cache(mesh, r, cfg: C.CacheConfig) -> None:
   assert got[1].sharding.spec[0] == "x", got[1].sharding  # the output stays sharded over sequences
   same(f"{name}: jit with NamedSharding inputs", got, want)
 
+
 def check_flax(mesh, r, cfg: C.CacheConfig) -> None:
   """The Flax NNX layer, data-parallel: prefill (ragged lengths) then a decode step under jit, its
   parameters replicated and its cache (`partition_specs`) and inputs sharded over the batch."""
