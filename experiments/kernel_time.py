@@ -25,7 +25,9 @@ freshly started machine and with `--csv` or `launch__*` metrics; this form ran. 
 variants are compared with the float32 XLA reference (bench_decode.check_case) instead, no ncu.
 In session 12 (2026-11-29) every ncu run of a branch's variants hung or crashed while the
 defaults of main ran in 15 s; `--wall` times the variants without ncu (see `wall`): per call,
-with the XLA work around the kernel, ±1-2 µs between rounds after the first.
+with the XLA work around the kernel, ±1-2 µs between rounds after the first. In session 13 ncu
+over `experiments/decode_once.py` (one launch per process, `-c 1`) ran in 15 s per config on the
+same kernels, stall metrics included: profile the defaults that way.
 """
 
 from __future__ import annotations
