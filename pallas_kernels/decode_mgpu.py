@@ -197,10 +197,15 @@ def _selectors(words, bits: int, ops, slots: int = 32):
   return out
 
 
+def _table_regs(tables, ops):
+  """The four words of a byte table (`table_words`) as `ops` values: ints (NumPy tests) are made
+  constants, values loaded in the kernel (`_load_table`) pass through."""
+  return [ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables]
+
+
 def _lookup(sel, tables, ops):
   """Two bf16 pairs (as uint32) of the 4 low nibbles of `sel` (see `_selectors`)."""
-  # words: ints (NumPy tests) or values loaded in the kernel (`_load_table`)
-  l0, l1, h0, h1 = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
+  l0, l1, h0, h1 = _table_regs(tables, ops)
   if isinstance(sel, tuple):  # 4 bits: magnitude, then the sign by XOR on the high bytes
     idx, neg = sel
     lo, hi = ops.prmt(l0, l1, idx), ops.prmt(h0, h1, idx)
@@ -216,7 +221,7 @@ def _sign_pairs(word, tables, ops, slots: int = 32):
   sign bit (bit clear: entry 0). One shift (word bits p and p + 16 to bits 15 and 31) and one
   LOP3 ((~x & 0x80008000) | entry 1 in both halves) per pair; at slots = 16 a `prmt` first moves
   slots 8-15 to bits 16-23."""
-  l0, _, h0, _ = (ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables)
+  l0, _, h0, _ = _table_regs(tables, ops)
   one = ops.bor(ops.band(ops.shr(l0, 8), ops.const(0xFF)), ops.band(h0, ops.const(0xFF00)))  # entry 1
   both = ops.bor(one, ops.shl(one, 16))
   if slots == 16:

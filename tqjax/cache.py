@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from tqjax import packing
-from tqjax.codebook import check_bits, dequantize
+from tqjax.codebook import check_bits
 from tqjax.qjl import project, signs as qjl_signs
 from tqjax.quantizer import (
     Code,
     Quantizer,
     QuantizerConfig,
     bits_per_coordinate,
+    codebook_direction,
     encode,
     quantizer_from_config,
 )
@@ -484,13 +484,6 @@ def bits_per_coordinate_kv(config: CacheConfig) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- attention
 
 
-def _unpack_centroids(tq: Quantizer, codes: jax.Array) -> jax.Array:
-  """Codebook values [..., d] (float32) of packed codes [..., words]; zeros without a codebook."""
-  if tq.codebook is None:
-    return jnp.zeros((*codes.shape[:-1], tq.dim), jnp.float32)
-  return dequantize(tq.codebook, packing.unpack(codes, tq.codebook.bits, tq.dim))
-
-
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=("q", "sq", "offset"), meta_fields=()
 )
@@ -532,7 +525,7 @@ def _code_slice(code: Code, start, size: int) -> Code:
 
 def _block_logits(tq: Quantizer, code: Code, q_rot: jax.Array, sq: jax.Array | None) -> jax.Array:
   """Logits [B, K, G, T, N] of rotated queries [B, K, G, T, d] against a block of N codes."""
-  y_hat = _unpack_centroids(tq, code.codes)  # [B, K, N, d]: one block, never the whole cache
+  y_hat = codebook_direction(tq, code.codes)  # [B, K, N, d]: one block, never the whole cache
   ip = jnp.einsum("bkgtd,bknd->bkgtn", q_rot, y_hat, precision=_HIGHEST)
   if sq is not None:
     s = qjl_signs(tq.qjl, code.qjl_signs)
@@ -543,7 +536,7 @@ def _block_logits(tq: Quantizer, code: Code, q_rot: jax.Array, sq: jax.Array | N
 
 def _block_values(tq: Quantizer, code: Code, p: jax.Array) -> jax.Array:
   """Σ_n p[..., n]·scale_n·ŷ_n in rotated space: p [B, K, G, T, N] → [B, K, G, T, d]."""
-  y_hat = _unpack_centroids(tq, code.codes) * code.norms.astype(jnp.float32)[..., None]
+  y_hat = codebook_direction(tq, code.codes) * code.norms.astype(jnp.float32)[..., None]
   return jnp.einsum("bkgtn,bknd->bkgtd", p, y_hat, precision=_HIGHEST)
 
 

@@ -197,8 +197,8 @@ def _direction(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u, jnp.where(finite, norm, jnp.nan)
 
 
-def _codebook_direction(tq: Quantizer, codes: jax.Array, dtype) -> jax.Array:
-  """ŷ [..., d]: the centroids of the unpacked codes."""
+def codebook_direction(tq: Quantizer, codes: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """ŷ [..., d]: the centroids of the packed codes [..., words] (zeros without a codebook stage)."""
   cb = tq.codebook
   if cb is None:  # prod at 1 bit: no codebook stage
     return jnp.zeros((*codes.shape[:-1], tq.dim), dtype)
@@ -216,7 +216,7 @@ def encode(tq: Quantizer, x: jax.Array) -> Code:
   else:
     codes = jnp.zeros((*y.shape[:-1], 0), jnp.uint32)
   norm_dtype = jnp.dtype(cfg.norm_dtype)
-  y_hat = _codebook_direction(tq, codes, y.dtype)
+  y_hat = codebook_direction(tq, codes, y.dtype)
   if cfg.variant == "mse":
     if cfg.norm_correction:  # fold 1/‖ŷ‖ into the stored scale: decoding stays scale·ŷ
       norm = norm / jnp.linalg.norm(y_hat, axis=-1)
@@ -228,7 +228,7 @@ def encode(tq: Quantizer, x: jax.Array) -> Code:
 def decode_rotated(tq: Quantizer, code: Code, dtype=jnp.float32) -> jax.Array:
   """The unit direction's reconstruction in rotated space, ŷ (+ QJL term) [..., d], no norm."""
   check_code(tq, code)
-  y_hat = _codebook_direction(tq, code.codes, dtype)
+  y_hat = codebook_direction(tq, code.codes, dtype)
   if tq.qjl is not None:
     y_hat = y_hat + qjl_decode(tq.qjl, code.qjl_signs, code.residual_norms, dtype)
   return y_hat
@@ -251,7 +251,7 @@ def estimate_ip(tq: Quantizer, q: jax.Array, code: Code) -> jax.Array:
   check_code(tq, code)
   math = _math_dtype(q.dtype)
   q_rot = rotate(tq.rotation, q.astype(math))
-  ip = jnp.sum(q_rot * _codebook_direction(tq, code.codes, math), axis=-1)
+  ip = jnp.sum(q_rot * codebook_direction(tq, code.codes, math), axis=-1)
   if tq.qjl is not None:
     ip = ip + qjl_ip(tq.qjl, q_rot, code.qjl_signs, code.residual_norms)
   return (code.norms.astype(math) * ip).astype(q.dtype)
