@@ -69,3 +69,22 @@ def test_docs_do_not_narrate(path):
   text = path.read_text(encoding="utf-8")
   hits = [(text.count("\n", 0, m.start()) + 1, m.group(0)) for m in NARRATION.finditer(text)]
   assert not hits, f"{path.name}: narration at (line, text) {hits}"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)")
+
+
+def relative_links(text: str) -> list[str]:
+  """Targets of the markdown links of a text that are not URLs (anchors dropped)."""
+  return [t for t in LINK.findall(text) if "://" not in t and not t.startswith("mailto:")]
+
+
+def test_relative_links_parser():
+  text = "[a](docs/x.md#part) [b](https://arxiv.org/abs/1) [c](../y.md) [d](#top)"
+  assert relative_links(text) == ["docs/x.md", "../y.md"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+def test_docs_links_resolve(path):
+  missing = [t for t in relative_links(path.read_text(encoding="utf-8")) if not (path.parent / t).exists()]
+  assert not missing, f"{path.name} links to missing files: {missing}"
