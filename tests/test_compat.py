@@ -152,6 +152,10 @@ def test_usage_errors():
       tq.inner_product(jnp.ones(32), code)
   with pytest.raises(ValueError, match="qjl_dim=16"):
     TurboQuantKVCache(TurboQuantConfig(dimension=32, qjl_dim=16))
+  with pytest.raises(ValueError, match="num_heads=0"):
+    TurboQuantKVCache(TurboQuantConfig(dimension=32), num_heads=0)
+  with pytest.raises(ValueError, match="value_bits=9"):
+    TurboQuantKVCache(TurboQuantConfig(dimension=32), value_bits=9)
 
 
 @pytest.mark.parametrize("qjl", [False, True])

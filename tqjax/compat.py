@@ -33,7 +33,9 @@ Differences from the seed (results are *not* bit-compatible with it):
 * `compress` takes vectors [..., d] and returns a `tqjax.Code` pytree of packed uint32 words and
   norms, not a `CompressedVector` of index arrays; `inner_product` returns a jax array ([...], a
   0-d array for one vector) instead of a Python float. The seed's constants (`centroids`,
-  `boundaries`, `Pi`, `S`) are not attributes: they live in `TurboQuant.quantizer`.
+  `boundaries`, `Pi`, `S`) are not attributes: they live in `TurboQuant.quantizer`. A code carries
+  the config that made it: `decompress` or `inner_product` of a code made with another config
+  (even only another seed) raises instead of returning garbage.
 * `compression_ratio()` counts everything stored per vector (packed codes with padding, the norm,
   QJL signs and residual norm) and is against a bf16 cache (`baseline_bits=16`) by default; the
   seed's was against float32 and counted codes and signs only. `compressed_size_bytes()` likewise
@@ -54,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tqjax.codebook import check_bits
 from tqjax.quantizer import (
     Code,
     QuantizerConfig,
@@ -174,6 +177,10 @@ class TurboQuantKVCache:
 
     if not isinstance(config, TurboQuantConfig):
       raise TypeError(f"expected a TurboQuantConfig, got {type(config).__name__}")
+    if not _is_int(num_heads) or num_heads < 1:
+      raise ValueError(f"num_heads must be a positive integer, got num_heads={num_heads!r}")
+    if value_bits is not None:
+      check_bits(value_bits, name="value_bits")
     if config.qjl_dim not in (0, config.dimension):
       raise ValueError(
           f"TurboQuantKVCache sketches keys with qjl_dim = dimension = {config.dimension}; got qjl_dim={config.qjl_dim!r}"
