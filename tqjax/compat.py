@@ -3,9 +3,9 @@
 For code written against the original NumPy seed script: the same names, constructor arguments,
 defaults (`TurboQuantConfig(dimension=128)` is bits=4, qjl_enabled=True, qjl_dim=0 meaning
 "= dimension", seed=42) and methods, each a thin wrapper over `tqjax.encode` / `decode` /
-`estimate_ip`, the byte accounting of `tqjax.quantizer` and the cache of `tqjax.cache`. New code
-should use the functional API (`make_quantizer`, `encode`, ...) directly: it composes with jit /
-vmap / shard_map, which these objects only forward to.
+`estimate_ip`, the byte accounting of `tqjax.quantizer`, and `tqjax.cache` / `tqjax.ops` for the
+KV cache. New code should use the functional API (`make_quantizer`, `encode`, ...) directly: it
+composes with jit / vmap / shard_map, which these objects only forward to.
 
 Shapes: `...` is any leading batch dims, d = config.dimension, n the number of cached tokens,
 H = num_heads of a `TurboQuantKVCache`.
@@ -152,19 +152,20 @@ class TurboQuant:
 
 @functools.cache
 def _cache_ops():
-  """(append, scores, attention) of `tqjax.cache`, jitted once per process: the seed appends one
-  token at a time, and eager dispatch would compile every primitive of every call."""
-  from tqjax import cache  # the cache imports the quantizer: keep compat's import light
+  """`tqjax.cache.append`, `tqjax.ops.scores` and `tqjax.ops.attention`, jitted once per process:
+  the seed appends one token at a time, and eager dispatch would compile every primitive of every
+  call."""
+  from tqjax import cache, ops  # they import the quantizer: keep compat's import light
 
   return (
       jax.jit(cache.append),
-      jax.jit(functools.partial(cache.scores, scale=1.0)),
-      jax.jit(functools.partial(cache.attention, implementation="xla"), static_argnames="scale"),
+      jax.jit(functools.partial(ops.scores, scale=1.0)),
+      jax.jit(functools.partial(ops.attention, implementation="xla"), static_argnames="scale"),
   )
 
 
 class TurboQuantKVCache:
-  """Seed-style KV cache for ONE sequence, a stateful wrapper over `tqjax.cache`.
+  """Seed-style KV cache for ONE sequence, a stateful wrapper over `tqjax.cache` and `tqjax.ops`.
 
   Keys use `config` (prod keys when qjl_enabled, so `attention_scores` are unbiased inner
   products); values use TurboQuant_mse at `value_bits` (default: config.bits). Like the seed it
