@@ -32,6 +32,8 @@ from tqjax import cache as C
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
+pytestmark = pytest.mark.math
+
 IS_HOPPER = dispatch._is_hopper()
 
 

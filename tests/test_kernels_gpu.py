@@ -22,6 +22,8 @@ from pallas_kernels import dispatch
 from test_decode_mgpu import TOL as MOSAIC_TOL
 from tqjax import cache as C
 
+pytestmark = pytest.mark.interpret
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm_l6_qkv.npz"
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                     abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))

@@ -24,6 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.decode_attention_tpu import decode_partial_reference, decode_partial_tpu
 from tqjax import cache as C
 
+pytestmark = pytest.mark.interpret
+
 RTOL = 1e-5  # measured ≤ 1e-6 (float32 everywhere; the oracle uses HIGHEST-precision einsums)
 
 

@@ -17,6 +17,8 @@ from tqjax import cache as tqcache  # noqa: E402
 from tqjax import nn as tqnn  # noqa: E402
 from tqjax.cache import CacheConfig  # noqa: E402
 
+pytestmark = pytest.mark.math
+
 D_IN, N, K, H = 32, 4, 2, 16
 CFG = CacheConfig(head_dim=H)  # the recommended defaults
 
