@@ -8,8 +8,8 @@ Two data sets:
   random key of the whole sequence, so a causal mask would cut that structure).
 
 Each row quantizes K and V; queries stay float32. tqjax rows go through the cache: prefill all
-tokens, logits from `tqjax.cache.scores` (query tokens folded into the query-head axis, GQA
-style: q [B, H·T, D] against K = H kv heads), outputs from `tqjax.cache.chunked_attention(...,
+tokens, logits from `tqjax.ops.scores` (query tokens folded into the query-head axis, GQA
+style: q [B, H·T, D] against K = H kv heads), outputs from `tqjax.ops.chunked_attention(...,
 causal=False)`, so values are only ever consumed by the cache's own attention path. Baselines
 are dequantized and attended densely.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
 import sys
 import time
@@ -115,7 +116,7 @@ def tqjax_configs(head_dim: int):
   return rows
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="scale")
 def _tq_eval(cache0, q, k, v, scale, logits_ref, out_ref):
   cache, logits, out = prefill_and_attend(cache0, q, k, v, scale)
   return cache, attention_metrics(logits_ref, out_ref, logits, out)
@@ -300,8 +301,8 @@ def write_outputs(real, synth, rec, runtime, st, out):
       "bidirectional attention over all tokens (its queries favour a uniformly random key). Units = 16.",
       "",
       "Method: queries stay float32; K and V are quantized. tqjax rows go through the compressed "
-      "cache: `prefill` of all tokens, logits from `tqjax.cache.scores` (query tokens folded into "
-      "the query-head axis), outputs from `tqjax.cache.chunked_attention(causal=False)`; values are "
+      "cache: `prefill` of all tokens, logits from `tqjax.ops.scores` (query tokens folded into "
+      "the query-head axis), outputs from `tqjax.ops.chunked_attention(causal=False)`; values are "
       "never decoded outside the cache's attention path. Baselines (`tqjax/baselines.py`) are "
       "dequantized and attended densely. tqjax `Nb` = k_bits = v_bits = N unless K/V named; "
       "`nc` = norm correction (keys and values), `centre` = per-head key mean subtracted at prefill, "

@@ -20,6 +20,7 @@ Metrics per unit:
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from tqjax import baselines
 from tqjax import cache as tqc
+from tqjax import ops as tq_ops
 from tqjax.data import data_path
 
 __all__ = [
@@ -159,18 +161,19 @@ def evaluate_baseline(fk, fv, q, k, v, scale, ref):
   return per_unit, {"k_bits": bk, "v_bits": bv, "nbytes": nb, "nbytes_bits": 8 * nb / (k.size + v.size)}
 
 
-@jax.jit
-def prefill_and_attend(cache0, q, k, v, scale):
+@functools.partial(jax.jit, static_argnames="scale")
+def prefill_and_attend(cache0, q, k, v, scale: float):
   """Prefill all S tokens, then logits via `scores` and outputs via `chunked_attention`.
 
-  cache0: an empty cache of capacity S; q [B, K, T, H]; k, v [B, K, S, H].
+  cache0: an empty cache of capacity S; q [B, K, T, H]; k, v [B, K, S, H]; scale: a Python float
+  (static: the attention entry points validate it at trace time).
   Returns (cache, logits [B, K, T, S], out [B, K, T, H]).
   """
-  cache = tqc.prefill(cache0, k, v)
+  cache = tq_ops.prefill(cache0, k, v)
   b, h, t, d = q.shape
   # Fold query tokens into the query-head axis: N = K·T, so each kv head sees G = T queries.
-  logits = tqc.scores(cache, q.reshape(b, h * t, d), scale=scale).reshape(b, h, t, -1)
-  out = tqc.chunked_attention(cache, q, scale=scale, causal=False, block_size=min(t, 1024))
+  logits = tq_ops.scores(cache, q.reshape(b, h * t, d), scale=scale).reshape(b, h, t, -1)
+  out = tq_ops.chunked_attention(cache, q, scale=scale, causal=False, block_size=min(t, 1024))
   return cache, logits, out
 
 
