@@ -3,6 +3,7 @@ from the repository root (`python -m experiments.<name>`), in subprocesses with 
 tests themselves import nothing from experiments/."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +35,9 @@ for name in sys.argv[1:]:
 
 
 def _python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the same answers on a GPU machine
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def test_scripts_found():
