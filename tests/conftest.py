@@ -8,6 +8,7 @@ a test that needs more (a GPU, a lowering target) adds its own marker. Collectio
 the files whose tests have none.
 """
 
+import tomllib
 from pathlib import Path
 
 import jax
@@ -18,13 +19,13 @@ from tqjax.data import DATA_ENV, data_path
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-TIERS = frozenset({"math", "interpret", "lowering", "multidevice", "notebooks", "gpu", "slow", "models", "search"})
-
 
 def pytest_collection_modifyitems(config, items):
-  untiered = sorted({item.path.name for item in items if not TIERS & {m.name for m in item.iter_markers()}})
+  with open(config.rootpath / "pyproject.toml", "rb") as f:  # the tiers are the markers declared there
+    tiers = {m.split(":", 1)[0].strip() for m in tomllib.load(f)["tool"]["pytest"]["ini_options"]["markers"]}
+  untiered = sorted({item.path.name for item in items if not tiers & {m.name for m in item.iter_markers()}})
   if untiered:
-    raise pytest.UsageError(f"tests without a tier marker ({', '.join(sorted(TIERS))}) in: {', '.join(untiered)}; "
+    raise pytest.UsageError(f"tests without a tier marker ({', '.join(sorted(tiers))}) in: {', '.join(untiered)}; "
                             "add `pytestmark = pytest.mark.<tier>` to the file")
 
 
