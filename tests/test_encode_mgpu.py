@@ -29,6 +29,8 @@ from tqjax import quantizer as Q
 from tqjax.codebook import make_codebook, quantize
 from tqjax.rotation import dense_matrix
 
+pytestmark = pytest.mark.math
+
 IS_HOPPER = dispatch._is_hopper()
 
 
