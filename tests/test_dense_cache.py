@@ -132,14 +132,18 @@ def test_empty_ranges_and_merged_halves():
   np.testing.assert_array_equal(l, 0.0)
   assert np.all(np.isneginf(m))
   cache, _, _ = _filled(F32, LENGTHS, 2)
-  q = _normal(10, (B, K, G, 2, H))
-  lo, hi = jnp.zeros((B, 2), jnp.int32), jnp.broadcast_to(jnp.asarray(LENGTHS, jnp.int32)[:, None], (B, 2))
-  mid = jnp.full((B, 2), 5, jnp.int32)
+  q = _normal(10, (B, K, G, 3, H))
+  lo = jnp.asarray([[0, 2, 0]] * B, jnp.int32)
+  hi = jnp.broadcast_to(jnp.asarray(LENGTHS, jnp.int32)[:, None], (B, 3))
+  mid = jnp.full((B, 3), 5, jnp.int32)
   part = _jit(DC.range_attention, scale=0.3, soft_cap=None)
   whole = part(q, cache.k, cache.v, lo, hi)
   a = part(q, cache.k, cache.v, lo, jnp.minimum(mid, hi))
   b = part(q, cache.k, cache.v, jnp.minimum(mid, hi), hi)
   for got, want in zip(merge_partials(*a, *b), whole):
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+  for got, want in zip(_jit(DC.range_attention, scale=0.3, soft_cap=None, block_q=2)(q, cache.k, cache.v, lo, hi),
+                       whole):  # query blocks (with a padded last block when T % block_q != 0)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
 
 

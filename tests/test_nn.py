@@ -374,9 +374,9 @@ def test_pallas_on_cpu_names_why(monkeypatch):
   """Without a kernel for the backend, implementation="pallas" raises at the prefill and at decode."""
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU backend has no fused kernel; others may")
-  x = _x(B, P + 2, seed=10)
+  x = _x(1, P + 2, seed=10)  # batch 1: shapes no other test compiled (nnx.jit would reuse a trace)
   layer = _layer(implementation="pallas")
-  layer.init_cache(B, CAP)
+  layer.init_cache(1, CAP)
   with pytest.raises(ValueError, match='"pallas" is not available for this prefill: no fused encode kernel'):
     _call(layer, x[:, :P], mode="prefill")
   monkeypatch.setattr(dispatch, "prefill_encoder", lambda *a, **k: tqcache.encode_tokens)
@@ -385,7 +385,7 @@ def test_pallas_on_cpu_names_why(monkeypatch):
     with pytest.raises(ValueError, match='"pallas" is not available for this cache: no fused kernel for backend'):
       _call(layer, x[:, P:P + t], mode="decode")
   dense = _layer(None, implementation="pallas")
-  dense.init_cache(B, CAP)
+  dense.init_cache(1, CAP)
   with pytest.raises(ValueError, match='"pallas" is not available for a dense cache'):
     _call(dense, x[:, :P], mode="prefill")
 

@@ -162,12 +162,7 @@ def append(cache: DenseKVCache, k: jax.Array, v: jax.Array, num_new: jax.Array |
   return _write(cache, k, v, cache.lengths, count, prefix=False)
 
 
-def range_attention(q, k, v, lo, hi, *, scale: float, soft_cap: float | None):
-  """Exact attention of q [B, K, G, T, H] over slots lo ≤ s < hi ([B, T]) of k, v [B, K, S, H].
-
-  → (o [B, K, G, T, H] float32 normalized, m, l [B, K, G, T]): the running max and softmax sum
-  of `tqjax.partials` (an empty range: o = 0, m = −inf, l = 0).
-  """
+def _range_block(q, k, v, lo, hi, scale, soft_cap):
   slots = jnp.arange(k.shape[2], dtype=jnp.int32)
   ok = (slots >= lo[..., None]) & (slots < hi[..., None])  # [B, T, S]
   logits = jnp.einsum("bkgth,bksh->bkgts", q.astype(jnp.float32) * jnp.float32(scale), k.astype(jnp.float32),
@@ -178,6 +173,28 @@ def range_attention(q, k, v, lo, hi, *, scale: float, soft_cap: float | None):
   l = jnp.sum(p, axis=-1)
   o = jnp.einsum("bkgts,bksh->bkgth", p, v.astype(jnp.float32), precision=_HIGHEST)
   return o / jnp.where(l > 0, l, 1.0)[..., None], m, l
+
+
+def range_attention(q, k, v, lo, hi, *, scale: float, soft_cap: float | None, block_q: int = 256):
+  """Exact attention of q [B, K, G, T, H] over slots lo ≤ s < hi ([B, T]) of k, v [B, K, S, H].
+
+  → (o [B, K, G, T, H] float32 normalized, m, l [B, K, G, T]): the running max and softmax sum
+  of `tqjax.partials` (an empty range: o = 0, m = −inf, l = 0). Queries go `block_q` at a time
+  (a `lax.map` over blocks when T > block_q), so the logits held are [B, K, G, block_q, S], not
+  [B, K, G, T, S]: a long prompt's attention fits where its T × T logits would not.
+  """
+  t = q.shape[3]
+  if t <= block_q:
+    return _range_block(q, k, v, lo, hi, scale, soft_cap)
+  nb = -(-t // block_q)
+  pad = nb * block_q - t
+  qb = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))  # padded queries get empty ranges: zeros
+  qb = jnp.moveaxis(qb.reshape(*q.shape[:3], nb, block_q, q.shape[4]), 3, 0)
+  lob, hib = (jnp.moveaxis(jnp.pad(a, ((0, 0), (0, pad))).reshape(a.shape[0], nb, block_q), 1, 0) for a in (lo, hi))
+  o, m, l = jax.lax.map(lambda a: _range_block(a[0], k, v, a[1], a[2], scale, soft_cap), (qb, lob, hib))
+  o = jnp.moveaxis(o, 0, 3).reshape(*q.shape[:3], nb * block_q, q.shape[4])[..., :t, :]
+  m, l = (jnp.moveaxis(a, 0, 3).reshape(*q.shape[:3], nb * block_q)[..., :t] for a in (m, l))
+  return o, m, l
 
 
 def _attend(cache: DenseKVCache, q, lo, hi, scale, soft_cap):
