@@ -2,8 +2,9 @@
 
 Owns `DenseCacheConfig`, the `DenseKVCache` pytree and its operations, with the signatures of
 `tqjax.cache` / `tqjax.ops`: `init_cache`, `prefill`, `append`, `attention`, `chunked_attention`,
-`nbytes`, `expected_nbytes`; and `prompt_attention`, the full-precision attention of a prompt over
-itself that a layer runs at prefill. A model switches between a bf16 cache and a compressed one by
+`nbytes`, `expected_nbytes`; `prompt_attention`, the full-precision attention of a prompt over
+itself that a layer runs at prefill; and `range_attention`, exact attention over given slot ranges,
+which both run. A model switches between a bf16 cache and a compressed one by
 the config alone.
 
 The semantics are the compressed cache's, not a copy of them: which positions a query attends is
@@ -27,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tqjax import ops
-from tqjax.cache import _check_kv, _is_concrete, _valid_count, scatter_tokens, write_prefix
+from tqjax.cache import scatter_tokens, write_prefix
 from tqjax.partials import apply_soft_cap, query_ranges
+
+# The compressed cache's input checks (private there), so that bad input gets the same errors.
+from tqjax.cache import _check_kv, _is_concrete, _valid_count
+from tqjax.ops import _check_implementation as _check_name, _check_options, _check_query
 
 __all__ = [
     "DenseCacheConfig",
@@ -107,7 +111,7 @@ def init_cache(config: DenseCacheConfig, batch_size: int, num_kv_heads: int, cap
 
 
 def _check_implementation(implementation) -> None:
-  ops._check_implementation(implementation)
+  _check_name(implementation)
   if implementation == "pallas":
     raise ValueError('implementation="pallas" is not available for a dense cache: no fused kernel reads it '
                      '(use None or "xla")')
@@ -226,8 +230,8 @@ def chunked_attention(
   cap·tanh(logit/cap). With return_residuals, also the softmax max and sum [B, N, T].
   """
   _check_implementation(implementation)
-  ops._check_query(cache, q, "chunked_attention", with_tokens=True)
-  ops._check_options(scale, soft_cap, sliding_window)
+  _check_query(cache, q, "chunked_attention", with_tokens=True)
+  _check_options(scale, soft_cap, sliding_window)
   lo, hi = query_ranges(cache, q.shape[2], sliding_window, causal)
   o, m, l = _attend(cache, q, lo, hi, scale, soft_cap)
   return (o, m, l) if return_residuals else o
@@ -248,8 +252,8 @@ def attention(
   `sliding_window` of them). A sequence with nothing written gets zeros.
   """
   _check_implementation(implementation)
-  ops._check_query(cache, q, "attention", with_tokens=False)
-  ops._check_options(scale, soft_cap, sliding_window)
+  _check_query(cache, q, "attention", with_tokens=False)
+  _check_options(scale, soft_cap, sliding_window)
   lo, hi = query_ranges(cache, 1, sliding_window, True)
   return _attend(cache, q[:, :, None], lo, hi, scale, soft_cap)[0][:, :, 0]
 
@@ -275,7 +279,7 @@ def prompt_attention(
   queries get finite values that mean nothing.
   """
   b, t = q.shape[0], q.shape[2]
-  ops._check_options(scale, soft_cap, sliding_window)
+  _check_options(scale, soft_cap, sliding_window)
   count = _valid_count(lengths, t, b, "prompt_attention", "lengths")
   # The prompt as a cache of T slots: causal queries are its last T tokens (lengths T), their keys
   # past a sequence's count are padding; bidirectional queries all see the count real tokens.

@@ -81,7 +81,8 @@ def _cache_ops(config_or_cache):
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
   """Gemma's RMSNorm over the last axis: x / rms(x) · (1 + scale), statistics in float32.
 
-  x [..., C], scale [C] → [..., C] in x's dtype. A checkpoint that stores the multiplier
+  x [..., D], scale [D] → [..., D] in x's dtype (D the normalized width: the model's, or H for
+  QK-norm). A checkpoint that stores the multiplier
   m = 1 + scale itself is loaded as scale = m − 1.
   """
   x32 = x.astype(jnp.float32)
@@ -90,14 +91,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-  """`rms_norm` with a learned scale [C] (initialized to 0: the identity multiplier)."""
+  """`rms_norm` with a learned scale [D] (initialized to 0: the identity multiplier)."""
 
   def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
     self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., C] → [..., C]."""
+    """x [..., D] → [..., D]."""
     return rms_norm(x, self.scale.get_value(), self.eps)
 
 
@@ -270,7 +271,6 @@ class TurboQuantAttention(nnx.Module):
     n, k, h = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
     self.in_features = in_features
     self.out_features = in_features if out_features is None else out_features
-    self.dtype = dtype
     lin = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, precision=precision,
                             kernel_init=kernel_init, rngs=rngs)
     self.q_proj = lin(in_features, n * h, use_bias=qkv_bias)
