@@ -2,7 +2,7 @@
 
 Owns `DenseCacheConfig`, the `DenseKVCache` pytree and its operations, with the signatures of
 `tqjax.cache` / `tqjax.ops`: `init_cache`, `prefill`, `append`, `attention`, `chunked_attention`,
-`nbytes`, `expected_nbytes`; `prompt_attention`, the full-precision attention of a prompt over
+`nbytes`, `expected_nbytes`, `partition_specs`; `prompt_attention`, the full-precision attention of a prompt over
 itself that a layer runs at prefill; and `range_attention`, exact attention over given slot ranges,
 which both run. A model switches between a bf16 cache and a compressed one by
 the config alone.
@@ -47,6 +47,7 @@ __all__ = [
     "range_attention",
     "nbytes",
     "expected_nbytes",
+    "partition_specs",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -299,3 +300,10 @@ def expected_nbytes(config: DenseCacheConfig, batch_size: int, num_kv_heads: int
   baseline of the compressed cache's ratios, with dtype="bfloat16")."""
   item = jnp.dtype(config.dtype).itemsize
   return 2 * batch_size * num_kv_heads * capacity * config.head_dim * item + 4 * batch_size
+
+
+def partition_specs(cache: DenseKVCache, axis: str | tuple[str, ...] = "x") -> DenseKVCache:
+  """The cache's `PartitionSpec`s, a DenseKVCache-shaped pytree, for sharding its sequences over
+  mesh `axis` (as `tqjax.cache.partition_specs`): P(axis) on k, v and lengths."""
+  spec = jax.sharding.PartitionSpec(axis)
+  return DenseKVCache(cache.config, spec, spec, spec)
