@@ -32,8 +32,8 @@ from tqjax.cache import scatter_tokens, write_prefix
 from tqjax.partials import apply_soft_cap, query_ranges
 
 # The compressed cache's input checks (private there), so that bad input gets the same errors.
-from tqjax.cache import _check_kv, _is_concrete, _valid_count
-from tqjax.ops import _check_implementation as _check_name, _check_options, _check_query
+from tqjax.cache import check_capacity, check_kv, valid_count
+from tqjax.ops import check_implementation, check_options, check_query
 
 __all__ = [
     "DenseCacheConfig",
@@ -111,8 +111,8 @@ def init_cache(config: DenseCacheConfig, batch_size: int, num_kv_heads: int, cap
   return DenseKVCache(config, z, z, jnp.zeros((batch_size,), jnp.int32))
 
 
-def _check_implementation(implementation) -> None:
-  _check_name(implementation)
+def _check_dense_implementation(implementation) -> None:
+  check_implementation(implementation)
   if implementation == "pallas":
     raise ValueError('implementation="pallas" is not available for a dense cache: no fused kernel reads it '
                      '(use None or "xla")')
@@ -141,10 +141,10 @@ def prefill(
   (right padding); the padding is not stored. Slots past lengths keep their old contents, which
   nothing reads. implementation as in `tqjax.ops.prefill` ("pallas" raises).
   """
-  _check_implementation(implementation)
-  _check_kv(cache, k, v, "prefill")
+  _check_dense_implementation(implementation)
+  check_kv(cache, k, v, "prefill")
   b = cache.batch_size
-  count = _valid_count(lengths, k.shape[2], b, "prefill", "lengths")
+  count = valid_count(lengths, k.shape[2], b, "prefill", "lengths")
   return _write(cache, k, v, jnp.zeros((b,), jnp.int32), count, prefix=True)
 
 
@@ -155,15 +155,9 @@ def append(cache: DenseKVCache, k: jax.Array, v: jax.Array, num_new: jax.Array |
   lengths (outside jit) a ValueError names the overflowing sequences; under jit the tokens past
   the capacity are dropped and `lengths` saturates at the capacity (as `tqjax.cache.append`).
   """
-  _check_kv(cache, k, v, "append")
-  count = _valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
-  end = cache.lengths + count
-  if _is_concrete(end) and np.any(np.asarray(end) > cache.capacity):
-    over = np.flatnonzero(np.asarray(end) > cache.capacity).tolist()
-    raise ValueError(
-        f"append past capacity={cache.capacity}: lengths + new tokens = {np.asarray(end).tolist()} "
-        f"(sequences {over})"
-    )
+  check_kv(cache, k, v, "append")
+  count = valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
+  check_capacity(cache.lengths + count, cache.capacity)
   return _write(cache, k, v, cache.lengths, count, prefix=False)
 
 
@@ -230,9 +224,9 @@ def chunked_attention(
   all `lengths` tokens with causal=False. scale defaults to 1/√H; soft_cap applies
   cap·tanh(logit/cap). With return_residuals, also the softmax max and sum [B, N, T].
   """
-  _check_implementation(implementation)
-  _check_query(cache, q, "chunked_attention", with_tokens=True)
-  _check_options(scale, soft_cap, sliding_window)
+  _check_dense_implementation(implementation)
+  check_query(cache, q, "chunked_attention", with_tokens=True)
+  check_options(scale, soft_cap, sliding_window)
   lo, hi = query_ranges(cache, q.shape[2], sliding_window, causal)
   o, m, l = _attend(cache, q, lo, hi, scale, soft_cap)
   return (o, m, l) if return_residuals else o
@@ -252,9 +246,9 @@ def attention(
   The query is the newest token (already appended): it sees positions < lengths[b] (the last
   `sliding_window` of them). A sequence with nothing written gets zeros.
   """
-  _check_implementation(implementation)
-  _check_query(cache, q, "attention", with_tokens=False)
-  _check_options(scale, soft_cap, sliding_window)
+  _check_dense_implementation(implementation)
+  check_query(cache, q, "attention", with_tokens=False)
+  check_options(scale, soft_cap, sliding_window)
   lo, hi = query_ranges(cache, 1, sliding_window, True)
   return _attend(cache, q[:, :, None], lo, hi, scale, soft_cap)[0][:, :, 0]
 
@@ -280,8 +274,8 @@ def prompt_attention(
   queries get finite values that mean nothing.
   """
   b, t = q.shape[0], q.shape[2]
-  _check_options(scale, soft_cap, sliding_window)
-  count = _valid_count(lengths, t, b, "prompt_attention", "lengths")
+  check_options(scale, soft_cap, sliding_window)
+  count = valid_count(lengths, t, b, "prompt_attention", "lengths")
   # The prompt as a cache of T slots: causal queries are its last T tokens (lengths T), their keys
   # past a sequence's count are padding; bidirectional queries all see the count real tokens.
   view = DenseKVCache(DenseCacheConfig(q.shape[-1], jnp.dtype(k.dtype).name), k, v,

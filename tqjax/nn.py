@@ -198,7 +198,7 @@ def _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, dty
     raise TypeError(f"cache_config must be a CacheConfig, a DenseCacheConfig or None, got {type(cache_config).__name__}")
   if cache_config.head_dim != head_dim:
     raise ValueError(f"cache_config.head_dim={cache_config.head_dim} must equal the layer's head_dim={head_dim}")
-  tq_ops._check_options(scale, soft_cap, sliding_window)
+  tq_ops.check_options(scale, soft_cap, sliding_window)
   if not isinstance(qk_norm_eps, (int, float)) or not qk_norm_eps > 0:
     raise ValueError(f"qk_norm_eps must be a positive number, got {qk_norm_eps=}")
   if implementation not in tq_ops.IMPLEMENTATIONS:
