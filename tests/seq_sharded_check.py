@@ -224,7 +224,10 @@ def check_million(r) -> None:
   layout = sh.CacheLayout(jax.make_mesh((DEVICES,), ("s",)), seq="s")
   lengths = jnp.asarray([s - 5], jnp.int32)
   k = jnp.asarray(r.standard_normal((1, kh, s, h)), jnp.float32)
-  v = jnp.asarray(r.standard_normal((1, kh, s, h)), jnp.float32)
+  # A ramp over positions makes the output O(1) and tied to where each token sits: a shard
+  # dropped or merged with the wrong weight moves it by ~1/8.
+  ramp = np.linspace(0.0, 4.0, s, dtype=np.float32)[None, None, :, None]
+  v = jnp.asarray(r.standard_normal((1, kh, s, h)) + ramp, jnp.float32)
   q = jnp.asarray(r.standard_normal((1, kh * g, h)), jnp.float32)
   t0 = time.perf_counter()
   cache = jax.jit(lambda c, k, v: sh.prefill(c, k, v, lengths, layout=layout))(
@@ -241,10 +244,13 @@ def check_million(r) -> None:
   tol = reassociation_tol(s, DEVICES, 1024, float(np.linalg.norm(np.asarray(v), axis=-1).max() * 1.01))
   err = close("1M slots", o, want, tol)
   assert int(cache.lengths[0]) == s - 4
-  total = C.nbytes(cache) + C.constants_nbytes(cache) * DEVICES
-  assert sum(per_device.values()) >= C.nbytes(cache), (per_device, C.nbytes(cache))
-  print(f"ok 1M slots (2^20, head_dim {h}) over {DEVICES} devices: bytes per device "
-        f"{sorted(set(per_device.values()))} (cache {C.nbytes(cache)} B in all, {total} B with replicated constants); "
+  # Per device: 1/8 of the per-token arrays; lengths, key mean and quantizer constants replicated.
+  replicated = cache.lengths.nbytes + cache.key_mean.nbytes
+  want_bytes = (C.nbytes(cache) - replicated) // DEVICES + replicated + C.constants_nbytes(cache)
+  assert set(per_device.values()) == {want_bytes}, (per_device, want_bytes)
+  assert float(np.abs(np.asarray(want)).max()) > 0.1  # the ramp's mean position is in the output
+  print(f"ok 1M slots (2^20, head_dim {h}) over {DEVICES} devices: {want_bytes} bytes per device "
+        f"(cache {C.nbytes(cache)} B in all + {C.constants_nbytes(cache)} B constants per device); "
         f"sharded prefill+append+attention {t_sharded:.1f} s; max |diff| {err:.2g} (tol {tol:.2g})", flush=True)
 
 

@@ -119,8 +119,9 @@ def shard_cache(cache: C.KVCache, layout: CacheLayout) -> C.KVCache:
 def merge_over_axis(accs: tuple, m: jax.Array, l: jax.Array, axis: _Axes):
   """Merges per-device softmax partials over mesh `axis` inside shard_map: accs (tuple of
   UNnormalized [..., d]), running max m [...] and sum l [...] of each device → the same of the
-  union of their slots, on every device. One round: pmax of m, then one psum of l and accs, each
-  rescaled by exp(m − max); a device that attended nothing (m = −inf) contributes nothing."""
+  union of their slots, on every device. One round of two all-reduces: pmax of m, then one psum
+  of l and accs (a tuple), each rescaled by exp(m − max); a device that attended nothing
+  (m = −inf) contributes nothing."""
   m_all = jax.lax.pmax(m, axis)
   m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
   w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
@@ -188,7 +189,7 @@ def _count(counts, t: int, b: int) -> jax.Array:
 
 
 def prefill(cache: C.KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *,
-            layout: CacheLayout, encoder=C.encode_tokens) -> C.KVCache:
+            layout: CacheLayout, encoder=C.encode_tokens, check_vma: bool | None = None) -> C.KVCache:
   """`tqjax.prefill` of the cache laid out as `layout`: T prompt tokens k, v [B, K, T, H]
   (T ≤ capacity; right padding past lengths [B]) start every sequence afresh.
 
@@ -197,7 +198,8 @@ def prefill(cache: C.KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | N
   outlier channels come from psums of per-shard sums over the real tokens, and the window ring
   (replicated) from one psum of the per-shard rings. `encoder` as in
   `tqjax.cache.prefill_with_encoder` (a fused kernel from `pallas_kernels.dispatch.prefill_encoder`
-  runs inside shard_map on each device's tokens).
+  runs inside shard_map on each device's tokens). check_vma (default: on for the XLA encode, off
+  for another encoder): see `chunked_attention`.
   """
   _check_layout(cache, layout)
   _validate(lambda cache, k, v: C.prefill_with_encoder(cache, k, v, lengths), cache, k, v)
@@ -235,7 +237,8 @@ def prefill(cache: C.KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | N
     return out
 
   specs = cache_specs(cache, layout)
-  fn = _shard_map(layout, body, (specs, layout.spec, layout.spec, P(layout.batch)), specs)
+  check_vma = (encoder is C.encode_tokens) if check_vma is None else check_vma
+  fn = _shard_map(layout, body, (specs, layout.spec, layout.spec, P(layout.batch)), specs, check_vma=check_vma)
   return fn(cache, k, v, count)
 
 
@@ -248,9 +251,13 @@ def _write_slice(cache: C.KVCache, k, v, count, encoder) -> C.KVCache:
     if encoder is not C.encode_tokens:
       raise ValueError(f"outlier_channels={cache.config.outlier_channels}: the fused encode kernels have no channel split")
     return C.append(dataclasses.replace(local, lengths=jnp.zeros_like(count)), k, v, count)
-  if cache.key_mean is not None:  # centred here, so that the prefill does not find a mean of this shard alone
-    k = k.astype(jnp.float32) - cache.key_mean[:, :, None, :]
-  return C.prefill_with_encoder(dataclasses.replace(local, key_mean=None), k, v, count, encoder=encoder)
+  if cache.key_mean is None:
+    return C.prefill_with_encoder(local, k, v, count, encoder=encoder)
+  # The prefill of a cache without a key mean finds none; the keys' encode gets the mean of all
+  # shards instead (the encoder centres them, as an unsharded prefill's does).
+  mean = cache.key_mean
+  centred = lambda tq, x, m: encoder(tq, x, mean if x is k else m)
+  return C.prefill_with_encoder(dataclasses.replace(local, key_mean=None), k, v, count, encoder=centred)
 
 
 def append(cache: C.KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None, *,
@@ -301,9 +308,12 @@ def chunked_attention(cache: C.KVCache, q: jax.Array, *, layout: CacheLayout, sc
 
   partial_fn: the per-device partial (contract of `tqjax.partials.compressed_partial_reference`,
   the default with `block_size`), e.g. `pallas_kernels.dispatch.decode_partial_fn(cache, rows)`
-  built for the local shard. check_vma (default: on for the reference, off for a partial_fn): a
-  Pallas kernel's outputs do not say which mesh axes they vary over, so shard_map's check of
-  them has to be off around it.
+  built for the local shard. check_vma (default: on for the reference, off for a partial_fn):
+  shard_map's check of which mesh axes each value varies over needs every `pallas_call` to
+  declare it on its out_shape (`jax.ShapeDtypeStruct(..., vma=...)`); the kernels of
+  `pallas_kernels` do not, and jax refuses them under check_vma=True ("manual_axis_type on
+  jax.ShapeDtypeStruct must not be None"). With it off, the merge's pmax/psum still make the
+  output equal on every device of the seq axes, which is what the out_specs claim.
   """
   _check_layout(cache, layout)
   _validate(lambda cache, q: ops.chunked_attention(cache, q, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,

@@ -1,0 +1,143 @@
+"""`tqjax.sharding` on 8 fake CPU devices: tests/seq_sharded_check.py in a process of its own (the
+device count is fixed when jax starts) compares every layout (batch, kv heads, slots and their
+combinations) and cache class (mse, prod, outlier channels, window) with the unsharded ops; the
+Triton kernel (interpret mode) as the per-shard partial; a 2^20-slot cache. Layout errors are
+checked here, in-process, on the 4 devices conftest.py sets up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tqjax import cache as C
+from tqjax import sharding as sh
+
+pytestmark = pytest.mark.multidevice
+
+SCRIPT = Path(__file__).with_name("seq_sharded_check.py")
+
+
+def _run(*flags: str) -> list[str]:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+  return [line for line in run.stdout.splitlines() if line.startswith("ok ")]
+
+
+def test_every_layout_matches_unsharded():
+  # batch, heads, seq, batch x seq, heads x seq, batch x heads x seq
+  assert len(_run()) == 6
+
+
+def test_every_cache_class_matches_unsharded_under_slot_sharding():
+  # prod, outliers, window on seq and batch x heads x seq
+  assert len(_run("--configs")) == 6
+
+
+@pytest.mark.interpret
+@pytest.mark.slow
+def test_triton_kernel_as_the_per_shard_partial():
+  assert len(_run("--kernel")) == 1
+
+
+def test_million_slots_over_8_devices():
+  lines = _run("--million")
+  assert len(lines) == 1 and "bytes per device" in lines[0]
+  print(lines[0])
+
+
+def _mesh():
+  return jax.make_mesh((2, 2), ("a", "b"))
+
+
+def test_layout_names_an_axis_of_its_mesh():
+  with pytest.raises(ValueError, match="'z' is not in the mesh"):
+    sh.CacheLayout(_mesh(), seq="z")
+  with pytest.raises(ValueError, match="splits two dims"):
+    sh.CacheLayout(_mesh(), batch="a", seq=("a", "b"))
+
+
+def test_cache_dims_must_divide_over_their_shards():
+  cfg = C.CacheConfig(head_dim=16)
+  with pytest.raises(ValueError, match="capacity=6 must be divisible by the 4 shards"):
+    sh.shard_cache(C.init_cache(cfg, 2, 2, 6), sh.CacheLayout(_mesh(), seq=("a", "b")))
+  with pytest.raises(ValueError, match="num_kv_heads=1 must be divisible by the 2 shards"):
+    sh.shard_cache(C.init_cache(cfg, 2, 1, 8), sh.CacheLayout(_mesh(), heads="b"))
+
+
+def test_append_fits_one_shard_and_inputs_are_checked_as_unsharded():
+  cfg = C.CacheConfig(head_dim=16)
+  layout = sh.CacheLayout(_mesh(), seq=("a", "b"))
+  cache = sh.shard_cache(C.init_cache(cfg, 1, 1, 8), layout)
+  x = jnp.zeros((1, 1, 3, 16), jnp.float32)
+  with pytest.raises(ValueError, match="T=3 tokens exceed the 2 slots of one seq shard"):
+    sh.append(cache, x, x, layout=layout)
+  with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
+    sh.prefill(cache, x, x, jnp.asarray([4], jnp.int32), layout=layout)
+  with pytest.raises(ValueError, match="q must be"):
+    sh.attention(cache, jnp.zeros((1, 2, 8), jnp.float32), layout=layout)
+
+
+# ----------------------------------------------------------------------------- GPU kernels, lowered
+
+def _h100_mesh(n: int):
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # noqa: PLC0415
+
+  return AbstractMesh((n,), ("s",), (AxisType.Explicit,),
+                      abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))
+
+
+def _lower(mesh, f, *args) -> None:
+  with jax.sharding.use_abstract_mesh(mesh):
+    jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
+@pytest.mark.parametrize("devices", [1, 2])
+def test_decode_kernel_per_shard_lowers_for_h100(kernel, devices):
+  """Each GPU decode kernel as the per-shard partial of a slot-sharded decode (one device: the
+  one-GPU check; two: the multi-GPU program), lowered for an abstract H100 mesh."""
+  from pallas_kernels import decode_attention_gpu, decode_mgpu  # noqa: PLC0415
+
+  fn = decode_mgpu.decode_partial if kernel == "mosaic" else decode_attention_gpu.decode_partial
+  mesh = _h100_mesh(devices)
+  layout = sh.CacheLayout(mesh, seq="s")
+  cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128), 2, 2, 4096))
+  q = jax.ShapeDtypeStruct((2, 8, 128), jnp.float32)
+  _lower(mesh, lambda c, q: sh.attention(c, q, layout=layout, partial_fn=fn), cache, q)
+
+
+@pytest.mark.lowering
+def test_mosaic_decode_declares_its_outputs_for_check_vma_and_triton_does_not():
+  from pallas_kernels import decode_attention_gpu, decode_mgpu  # noqa: PLC0415
+
+  mesh = _h100_mesh(2)
+  layout = sh.CacheLayout(mesh, seq="s")
+  cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128), 2, 2, 4096))
+  q = jax.ShapeDtypeStruct((2, 8, 128), jnp.float32)
+  f = lambda fn: (lambda c, q: sh.attention(c, q, layout=layout, partial_fn=fn, check_vma=True))
+  _lower(mesh, f(decode_mgpu.decode_partial), cache, q)
+  with pytest.raises(ValueError, match="manual_axis_type"):
+    _lower(mesh, f(decode_attention_gpu.decode_partial), cache, q)
+
+
+@pytest.mark.lowering
+@pytest.mark.parametrize("kernel", ["mosaic", "triton"])
+def test_encode_kernel_per_shard_lowers_for_h100(kernel):
+  """A slot-sharded prefill with a GPU encode kernel on each device's tokens (centred keys: the
+  mean of all shards goes to the kernel), lowered for an abstract 2-H100 mesh."""
+  from pallas_kernels import encode_gpu, encode_mgpu  # noqa: PLC0415
+
+  enc = encode_mgpu.encode if kernel == "mosaic" else encode_gpu.encode
+  mesh = _h100_mesh(2)
+  layout = sh.CacheLayout(mesh, seq="s")
+  cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128), 2, 2, 4096))
+  k = jax.ShapeDtypeStruct((2, 2, 4096, 128), jnp.bfloat16)
+  _lower(mesh, lambda c, k, v: sh.prefill(c, k, v, layout=layout, encoder=enc), cache, k, k)
