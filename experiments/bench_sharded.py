@@ -172,6 +172,14 @@ def baseline(jax, args, s: int) -> float | None:
     return None
 
 
+def _cpu_model() -> str:
+  try:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return "unknown CPU"
+  return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
 def write(jax, args, rows) -> None:
   dev = jax.devices()[0]
   card = "CPU (fake devices)" if args.quick else (dev.device_kind if dev.platform == "gpu" else f"CPU ({dev.device_kind})")
@@ -194,7 +202,8 @@ def write(jax, args, rows) -> None:
     lines.append(f"| {r['mode']} | {r['devices']} | {r['s']} | {r['s_per_device']} | {r['impl']} | {r['step_ms']:.3f} | "
                  f"{r['merge_ms']:.3f} | {r['bytes_per_device']} | {b} |")
   if args.quick:
-    lines += ["", "Fake CPU devices share the host's cores: these numbers test the script, not the scaling."]
+    lines += ["", f"{jax.device_count()} fake CPU devices share the host's {os.cpu_count()} cores ({_cpu_model()}): these "
+              "numbers test the script, not the scaling."]
   text = "\n".join(lines) + "\n"
   print(text)
   args.out.mkdir(parents=True, exist_ok=True)
