@@ -5,21 +5,21 @@ tests/test_seq_sharding.py in a process of its own: the device count is fixed wh
 
 For every layout (batch, kv heads, slots and their combinations) and cache class (mse, prod,
 outlier channels, full-precision window), one jitted step — prefill of ragged prompts (an empty
-one, one shorter than a shard, one ending on a shard boundary, one filling the cache), an
-append of ragged counts that crosses shard boundaries and overflows one sequence, decode
-attention plain and with a sliding window wider than a shard — is checked in two halves:
+sequence, one shorter than a shard, one ending on a shard boundary, one nearly full), an append
+of ragged counts that crosses shard boundaries and overflows one sequence, decode attention and
+chunked attention (2 queries) with a sliding window wider than a shard — is checked in two halves:
 
   write  lengths, channel permutations and the window ring equal the unsharded prefill/append
-         bit for bit; the key mean (a psum of per-shard sums under slot sharding) within
-         float32 reassociation; the codes and norms bit for bit against the unsharded write
-         given that key mean.
-  read   the attention outputs against `tqjax.ops.attention` on the same cache, within the
-         float32 reassociation bound `reassociation_tol`.
+         bit for bit; the key mean (a psum of per-shard sums under slot sharding) within the
+         bound of a reordered float32 sum; codes and norms against the unsharded write given
+         that key mean (`same_codes`).
+  read   the attention outputs against `tqjax.ops.attention` / `chunked_attention` of the same
+         cache, within the float32 reassociation bound `reassociation_tol`.
 
 Default: every layout with the mse cache; --configs: the prod, outlier and window caches on the
-layouts that split slots. --kernel: the Triton decode kernel (interpret mode) as the per-shard partial. --million: a
-cache of 2^20 slots split over the 8 devices (bytes per device printed). Prints one line per
-check ("ok ..."); exits non-zero (an AssertionError) on the first difference.
+layouts that split slots. --kernel: the Triton decode kernel (interpret mode) as the per-shard
+partial. --million: a cache of 2^20 slots split over the 8 devices (bytes per device printed).
+Prints one line per check ("ok ..."); exits non-zero (an AssertionError) on the first difference.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ from tqjax import sharding as sh  # noqa: E402
 
 DEVICES = 8
 B, K, G, S, H = 8, 4, 2, 128, 32
-PREFILL = np.array([0, 3, 16, 37, 64, 90, 127, 100], np.int32)  # S/8 = 16 slots per shard of 8
+# Shards of 16 slots (8 seq shards) or 64 (2): an empty sequence, one shorter than a shard, one
+# ending on a shard boundary, appends crossing one (94 + 3 over 96, 63 + 2 over 64), an overflow
+# (127 + 3 saturates at S).
+PREFILL = np.array([0, 3, 16, 37, 63, 94, 127, 100], np.int32)
 APPEND_T = 3
-NUM_NEW = np.array([2, 3, 1, 3, 0, 2, 3, 1], np.int32)  # 127 + 3 overflows: saturates at S
+NUM_NEW = np.array([0, 3, 1, 3, 2, 3, 3, 1], np.int32)
+CHUNK = 2  # chunked attention: queries of the last 2 tokens written
 SOFT_CAP, SLIDING = 30.0, 20
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -67,14 +71,14 @@ LAYOUTS = {
 ALL_CONFIG_LAYOUTS = ("seq", "batch x heads x seq")  # every cache class; the others with mse
 
 
-def reassociation_tol(s: int, shards: int, block: int, v_max: float) -> float:
+def reassociation_tol(s: int, shards: int, block: int, h: int, v_max: float) -> float:
   """Bound on |sharded − unsharded| of an attention output. Both compute o = Σ_s w_s·v̂_s with
   Σ w_s = 1 in float32 and differ only in the order of roundings: a term's weight passes
   through exp (≤ 2 ulp), one rescale per block and one per merge (≤ S/block + log2 P + 1) and a
   sum of ≤ block terms (≤ block additions in the worst order), then ÷ l and the orthogonal
   un-rotation (≤ 2 + H roundings). Each rounding is ≤ eps/2 relative, so |δo| ≤ 2·n·eps/2 ·
   max‖v̂‖ for n the count above (both sides contribute)."""
-  n = 2 + math.ceil(s / block) + math.ceil(math.log2(max(shards, 1))) + 1 + min(block, s) + 2 + H
+  n = 2 + math.ceil(s / block) + math.ceil(math.log2(max(shards, 1))) + 1 + min(block, s) + 2 + h
   return n * EPS32 * v_max
 
 
@@ -137,7 +141,7 @@ def data(r, cfg):
   k[:, :, :, :2] *= 6.0  # two outlier channels per head
   k1 = r.standard_normal((B, K, APPEND_T, H)).astype(np.float32)
   v1 = r.standard_normal((B, K, APPEND_T, H)).astype(np.float32)
-  q = r.standard_normal((B, K * G, H)).astype(np.float32)
+  q = r.standard_normal((B, K * G, CHUNK, H)).astype(np.float32)
   return k, v, k1, v1, q
 
 
@@ -166,8 +170,8 @@ def check(r, cfg_name: str, layout_name: str, ref_fns) -> None:
   def step(cache, k, v, k1, v1, q):
     cache = sh.prefill(cache, k, v, jnp.asarray(PREFILL), layout=layout)
     cache = sh.append(cache, k1, v1, jnp.asarray(NUM_NEW), layout=layout)
-    return (cache, sh.attention(cache, q, layout=layout, soft_cap=SOFT_CAP),
-            sh.attention(cache, q, layout=layout, soft_cap=SOFT_CAP, sliding_window=SLIDING))
+    return (cache, sh.attention(cache, q[:, :, 0], layout=layout, soft_cap=SOFT_CAP),
+            sh.chunked_attention(cache, q, layout=layout, soft_cap=SOFT_CAP, sliding_window=SLIDING))
 
   t0 = time.perf_counter()
   got_cache, o, o_win = jax.jit(step)(sh.shard_cache(empty, layout), k, v, k1, v1, q)
@@ -189,9 +193,9 @@ def check(r, cfg_name: str, layout_name: str, ref_fns) -> None:
   # read: the unsharded attention of the same cache
   v_max = float(np.linalg.norm(v, axis=-1).max() * 1.01)  # ‖v̂‖ ≤ ‖v‖·(1 + quantization error)
   want_o, want_win = ref_fns["attend"](got_cache, q)
-  tol = reassociation_tol(S, layout.shards(layout.seq), 1024, v_max)
+  tol = reassociation_tol(S, layout.shards(layout.seq), 1024, H, v_max)
   e1 = close(f"{name}: attention", o, want_o, tol)
-  e2 = close(f"{name}: attention, sliding window {SLIDING}", o_win, want_win, tol)
+  e2 = close(f"{name}: chunked attention, sliding window {SLIDING}", o_win, want_win, tol)
   print(f"ok {name}: attention max |diff| {max(e1, e2):.2g} (tol {tol:.2g}); tokens with a code at a "
         f"boundary {flipped}; {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -207,10 +211,11 @@ def check_kernel(r) -> None:
     cache = sh.append(sh.prefill(sh.shard_cache(C.init_cache(cfg, B, K, S), layout), k, v, jnp.asarray(PREFILL),
                                  layout=layout), k1, v1, jnp.asarray(NUM_NEW), layout=layout)
     fn = dispatch.decode_partial_fn(cache, G, interpret=True)
+    q = q[:, :, 0]
     got = jax.jit(lambda c, q: sh.attention(c, q, layout=layout, soft_cap=SOFT_CAP, partial_fn=fn))(cache, q)
     want = jax.jit(lambda c, q: ops.attention(c, q, soft_cap=SOFT_CAP, implementation="xla"))(jax.device_get(cache), q)
     v_max = float(np.linalg.norm(v, axis=-1).max() * 1.01)
-    tol = reassociation_tol(S, layout.shards(layout.seq), 16, v_max)
+    tol = reassociation_tol(S, layout.shards(layout.seq), 16, H, v_max)
     err = close(f"{layout_name}: Triton kernel (interpret) per shard", got, want, tol)
     print(f"ok {layout_name} mesh {shape}: Triton kernel (interpret) per shard, check_vma=False: "
           f"max |diff| {err:.2g} (tol {tol:.2g})", flush=True)
@@ -241,7 +246,7 @@ def check_million(r) -> None:
     for shard in leaf.addressable_shards:
       per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
   want = jax.jit(lambda c, q: ops.attention(c, q, implementation="xla"))(jax.device_get(cache), q)
-  tol = reassociation_tol(s, DEVICES, 1024, float(np.linalg.norm(np.asarray(v), axis=-1).max() * 1.01))
+  tol = reassociation_tol(s, DEVICES, 1024, h, float(np.linalg.norm(np.asarray(v), axis=-1).max() * 1.01))
   err = close("1M slots", o, want, tol)
   assert int(cache.lengths[0]) == s - 4
   # Per device: 1/8 of the per-token arrays; lengths, key mean and quantizer constants replicated.
@@ -266,9 +271,9 @@ def main() -> None:
   ref_fns = {
       "write": jax.jit(unsharded_step),
       "rewrite": jax.jit(rewrite),
-      "attend": jax.jit(lambda c, q: (ops.attention(c, q, soft_cap=SOFT_CAP, implementation="xla"),
-                                      ops.attention(c, q, soft_cap=SOFT_CAP, sliding_window=SLIDING,
-                                                    implementation="xla"))),
+      "attend": jax.jit(lambda c, q: (ops.attention(c, q[:, :, 0], soft_cap=SOFT_CAP, implementation="xla"),
+                                      ops.chunked_attention(c, q, soft_cap=SOFT_CAP, sliding_window=SLIDING,
+                                                            implementation="xla"))),
   }
   if "--configs" in sys.argv:  # the other cache classes on the layouts that split slots
     cases = [(c, l) for l in ALL_CONFIG_LAYOUTS for c in CONFIGS if c != "mse"]

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from seq_sharded_check import reassociation_tol
 from tqjax import cache as C
+from tqjax import ops
 from tqjax import sharding as sh
 
 pytestmark = pytest.mark.multidevice
@@ -141,3 +143,33 @@ def test_encode_kernel_per_shard_lowers_for_h100(kernel):
   cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128), 2, 2, 4096))
   k = jax.ShapeDtypeStruct((2, 2, 4096, 128), jnp.bfloat16)
   _lower(mesh, lambda c, k, v: sh.prefill(c, k, v, layout=layout, encoder=enc), cache, k, k)
+
+
+def test_auto_mesh_axes():
+  """A mesh of Auto axes (the subprocess's are Explicit, jax's default): a slot-sharded prefill,
+  append and decode equal the unsharded ones (a single-token append, no centring: the codes are
+  the same; the output within the float32 bound of seq_sharded_check)."""
+  cfg = C.CacheConfig(head_dim=16, center_keys=False, window=4)
+  mesh = jax.make_mesh((4,), ("s",), axis_types=(jax.sharding.AxisType.Auto,))
+  layout = sh.CacheLayout(mesh, seq="s")
+  r = jax.random.split(jax.random.key(0), 4)
+  k, v = jax.random.normal(r[0], (2, 1, 32, 16)), jax.random.normal(r[1], (2, 1, 32, 16))
+  k1, q = jax.random.normal(r[2], (2, 1, 1, 16)), jax.random.normal(r[3], (2, 2, 16))
+  lengths = jnp.asarray([9, 31], jnp.int32)  # the next slot: inside shard 1 / the last slot of shard 3
+
+  @jax.jit
+  def sharded(cache):
+    cache = sh.append(sh.prefill(cache, k, v, lengths, layout=layout), k1, k1, layout=layout)
+    return cache, sh.attention(cache, q, layout=layout)
+
+  @jax.jit
+  def unsharded(cache):
+    cache = C.append(C.prefill_with_encoder(cache, k, v, lengths), k1, k1)
+    return cache, ops.attention(cache, q, implementation="xla")
+
+  got, o = sharded(sh.shard_cache(C.init_cache(cfg, 2, 1, 32), layout))
+  want, o_want = unsharded(C.init_cache(cfg, 2, 1, 32))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert g.shape == w.shape and bool(jnp.all(g == w)), (g, w)
+  v_max = float(jnp.max(jnp.linalg.norm(v, axis=-1))) * 1.01
+  assert float(jnp.max(jnp.abs(o - o_want))) <= reassociation_tol(32, 4, 1024, 16, v_max)

@@ -166,9 +166,12 @@ def _global_mean(x: jax.Array, real: jax.Array, count: jax.Array, axis: _Axes) -
 
 
 def _shard_map(layout: CacheLayout, fn, in_specs, out_specs, check_vma: bool = True):
-  """shard_map over the layout's mesh, its arguments first placed as in_specs say (explicit mesh
-  axes need it; a no-op for arguments already placed so)."""
+  """shard_map over the layout's mesh. On a mesh of Explicit axes (jax's default) its arguments
+  are first placed as in_specs say (`jax.reshard`; a no-op for arguments already placed so);
+  shard_map moves them itself on a mesh of Auto axes."""
   mapped = jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
+  if jax.sharding.AxisType.Explicit not in layout.mesh.axis_types:
+    return mapped
 
   def run(*args):
     args = jax.tree_util.tree_map(lambda x, s: jax.reshard(x, NamedSharding(layout.mesh, s)), args, in_specs)
