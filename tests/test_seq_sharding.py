@@ -117,17 +117,24 @@ def test_decode_kernel_per_shard_lowers_for_h100(kernel, devices):
 
 
 @pytest.mark.lowering
-def test_mosaic_decode_declares_its_outputs_for_check_vma_and_triton_does_not():
-  from pallas_kernels import decode_attention_gpu, decode_mgpu  # noqa: PLC0415
+def test_mosaic_kernels_lower_under_check_vma_and_triton_kernels_do_not():
+  """check_vma=True needs each pallas_call to say which mesh axes its outputs vary over: the
+  Mosaic GPU decode and encode kernels lower so, the Triton ones are refused."""
+  from pallas_kernels import decode_attention_gpu, decode_mgpu, encode_gpu, encode_mgpu  # noqa: PLC0415
 
   mesh = _h100_mesh(2)
   layout = sh.CacheLayout(mesh, seq="s")
   cache = jax.eval_shape(lambda: C.init_cache(C.CacheConfig(head_dim=128), 2, 2, 4096))
   q = jax.ShapeDtypeStruct((2, 8, 128), jnp.float32)
-  f = lambda fn: (lambda c, q: sh.attention(c, q, layout=layout, partial_fn=fn, check_vma=True))
-  _lower(mesh, f(decode_mgpu.decode_partial), cache, q)
+  k = jax.ShapeDtypeStruct((2, 2, 4096, 128), jnp.bfloat16)
+  decode = lambda fn: (lambda c, q: sh.attention(c, q, layout=layout, partial_fn=fn, check_vma=True))
+  prefill = lambda enc: (lambda c, k, v: sh.prefill(c, k, v, layout=layout, encoder=enc, check_vma=True))
+  _lower(mesh, decode(decode_mgpu.decode_partial), cache, q)
+  _lower(mesh, prefill(encode_mgpu.encode), cache, k, k)
   with pytest.raises(ValueError, match="manual_axis_type"):
-    _lower(mesh, f(decode_attention_gpu.decode_partial), cache, q)
+    _lower(mesh, decode(decode_attention_gpu.decode_partial), cache, q)
+  with pytest.raises(ValueError, match="manual_axis_type"):
+    _lower(mesh, prefill(encode_gpu.encode), cache, k, k)
 
 
 @pytest.mark.lowering
@@ -173,3 +180,34 @@ def test_auto_mesh_axes():
     assert g.shape == w.shape and bool(jnp.all(g == w)), (g, w)
   v_max = float(jnp.max(jnp.linalg.norm(v, axis=-1))) * 1.01
   assert float(jnp.max(jnp.abs(o - o_want))) <= reassociation_tol(32, 4, 1024, 16, v_max)
+
+
+# ----------------------------------------------------------------------------- one GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+def test_fused_kernels_inside_shard_map_on_one_gpu():
+  """The fused kernels dispatch picks on this GPU (Mosaic GPU on Hopper) inside shard_map over a
+  1-device mesh equal the unsharded calls: the decode partial within float32 reassociation
+  (one device: the merge is the identity), the encode bit for bit."""
+  from pallas_kernels import dispatch  # noqa: PLC0415
+
+  cfg = C.CacheConfig(head_dim=128)
+  layout = sh.CacheLayout(jax.make_mesh((1,), ("s",), devices=jax.devices()[:1]), seq="s")
+  r = jax.random.split(jax.random.key(0), 3)
+  k = jax.random.normal(r[0], (2, 2, 4096, 128), jnp.bfloat16)
+  v = jax.random.normal(r[1], (2, 2, 4096, 128), jnp.bfloat16)
+  q = jax.random.normal(r[2], (2, 8, 128), jnp.float32)
+  lengths = jnp.asarray([4096, 1000], jnp.int32)
+  empty = C.init_cache(cfg, 2, 2, 4096)
+  enc = dispatch.prefill_encoder(empty, (k.dtype, v.dtype))
+  fn = dispatch.decode_partial_fn(empty, 4)
+  got = jax.jit(lambda c: sh.prefill(c, k, v, lengths, layout=layout, encoder=enc))(sh.shard_cache(empty, layout))
+  want = jax.jit(lambda c: C.prefill_with_encoder(c, k, v, lengths, encoder=enc))(empty)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert bool(jnp.all(g == w))
+  o = jax.jit(lambda c: sh.attention(c, q, layout=layout, partial_fn=fn))(got)
+  o_want = jax.jit(lambda c: ops.attention(c, q, partial_fn=fn))(want)
+  v_max = float(jnp.max(jnp.linalg.norm(v.astype(jnp.float32), axis=-1))) * 1.01
+  assert float(jnp.max(jnp.abs(o - o_want))) <= reassociation_tol(4096, 1, 1024, 128, v_max)

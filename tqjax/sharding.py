@@ -313,9 +313,9 @@ def chunked_attention(cache: C.KVCache, q: jax.Array, *, layout: CacheLayout, sc
   the default with `block_size`), e.g. `pallas_kernels.dispatch.decode_partial_fn(cache, rows)`
   built for the local shard. check_vma (default: on for the reference, off for a partial_fn):
   shard_map's check of which mesh axes each value varies over needs every `pallas_call` to
-  declare it on its out_shape (`jax.ShapeDtypeStruct(..., vma=...)`); the kernels of
-  `pallas_kernels` do not, and jax refuses them under check_vma=True ("manual_axis_type on
-  jax.ShapeDtypeStruct must not be None"). With it off, the merge's pmax/psum still make the
+  declare it on its out_shape; the Mosaic GPU kernels lower under check_vma=True, the Triton
+  ones (decode and encode) are refused ("manual_axis_type on jax.ShapeDtypeStruct must not be
+  None"), so it is off unless asked for. With it off, the merge's pmax/psum still make the
   output equal on every device of the seq axes, which is what the out_specs claim.
   """
   _check_layout(cache, layout)
