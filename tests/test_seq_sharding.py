@@ -6,7 +6,9 @@ checked here, in-process, on the 4 devices conftest.py sets up."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +213,52 @@ def test_fused_kernels_inside_shard_map_on_one_gpu():
   o_want = jax.jit(lambda c: ops.attention(c, q, partial_fn=fn))(want)
   v_max = float(jnp.max(jnp.linalg.norm(v.astype(jnp.float32), axis=-1))) * 1.01
   assert float(jnp.max(jnp.abs(o - o_want))) <= reassociation_tol(4096, 1, 1024, 128, v_max)
+
+
+# ----------------------------------------------------------------------------- communication
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+_ARRAY = re.compile(r"(f32|f16|bf16|s32|u32|pred)\[([\d,]*)\]")
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "pred": 1}
+
+
+def _collectives(f, *args) -> list[tuple[str, int]]:
+  """(kind, payload bytes per device) of each collective in f's compiled program."""
+  out = []
+  for line in jax.jit(f).lower(*args).compile().as_text().splitlines():
+    m = _COLLECTIVE.search(line)
+    if m:
+      size = sum(_ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(m.group(1)))
+      out.append((m.group(2), size))
+  return out
+
+
+@pytest.mark.parametrize("mode", ["batch", "heads", "seq"])
+def test_communication_per_decode_step_is_the_documented_one(mode):
+  """docs/sharding.md's table, read off the compiled programs on 4 devices: a decode step under
+  seq sharding is two all-reduces, of m (4·b·n·T B) and of l with the accumulators (4·b·n·T·(1 + H)
+  B); batch and heads sharding and every append move nothing."""
+  b, kh, g, s, h = 4, 4, 2, 64, 32
+  cfg = C.CacheConfig(head_dim=h, window=8)
+  layout = sh.CacheLayout(jax.make_mesh((4,), ("x",)), **{mode: "x"})
+  cache = sh.shard_cache(C.init_cache(cfg, b, kh, s), layout)
+  q = jnp.zeros((b, kh * g, h), jnp.float32)
+  got = _collectives(lambda c, q: sh.attention(c, q, layout=layout, sliding_window=16), cache, q)
+  n = kh * g  # query heads on each device (seq sharding splits neither batch nor heads)
+  assert got == ([("all-reduce", 4 * b * n), ("all-reduce", 4 * b * n * (1 + h))] if mode == "seq" else []), got
+  x = jnp.zeros((b, kh, 2, h), jnp.float32)
+  assert _collectives(lambda c, x: sh.append(c, x, x, layout=layout), cache, x) == []
+
+
+def test_communication_of_a_slot_sharded_prefill_is_the_documented_one():
+  """A prefill under seq sharding: one all-reduce of the key mean's sums (4·B·K·H B) with the
+  window rings (2·B·K·W·H·2 B, bfloat16), which XLA combines; with outlier channels a second
+  one, of both stores' channel mean squares (2·4·B·K·H B), after the mean it needs."""
+  b, kh, s, h, w = 4, 4, 64, 32, 8
+  layout = sh.CacheLayout(jax.make_mesh((4,), ("x",)), seq="x")
+  k = jnp.zeros((b, kh, s, h), jnp.float32)
+  for cfg, want in ((C.CacheConfig(head_dim=h, window=w), [4 * b * kh * h + 2 * b * kh * w * h * 2]),
+                    (C.CacheConfig(head_dim=h, outlier_channels=4), [4 * b * kh * h, 2 * 4 * b * kh * h])):
+    cache = sh.shard_cache(C.init_cache(cfg, b, kh, s), layout)
+    got = _collectives(lambda c, k: sh.prefill(c, k, k, layout=layout), cache, k)
+    assert got == [("all-reduce", n) for n in want], (cfg, got)
