@@ -54,6 +54,9 @@ __all__ = [
     "scatter_tokens",
     "write_prefix",
     "split_channels",
+    "check_kv",
+    "valid_count",
+    "check_capacity",
 ]
 
 
@@ -224,7 +227,8 @@ def init_cache(config: CacheConfig, batch_size: int, num_kv_heads: int, capacity
 # ----------------------------------------------------------------------------- writing
 
 
-def _check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
+def check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
+  """Raises naming the problem unless k, v are floating arrays [B, K, T, H] of this cache, T ≤ S."""
   b, h, d = cache.batch_size, cache.num_kv_heads, cache.config.head_dim
   for name, x in (("k", k), ("v", v)):
     if not isinstance(x, (jax.Array, np.ndarray)):
@@ -331,7 +335,7 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
+def valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
   """counts [B] of real tokens among T (None: all T) → int32 [B].
 
   Concrete counts outside [0, T] raise ValueError naming them; traced ones (under jit) are
@@ -375,9 +379,9 @@ def prefill_with_encoder(
   padding). The key mean (center_keys) and the outlier channels are found here from the real
   tokens.
   """
-  _check_kv(cache, k, v, "prefill")
+  check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
-  count = _valid_count(lengths, t, b, "prefill", "lengths")
+  count = valid_count(lengths, t, b, "prefill", "lengths")
   new = cache
   if cache.key_mean is not None:
     new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
@@ -393,10 +397,20 @@ def prefill_with_encoder(
   return _write(new, k, v, jnp.zeros((b,), jnp.int32), count, encoder, prefix=True)
 
 
+def check_capacity(end: jax.Array, capacity: int) -> None:
+  """Raises ValueError naming the sequences whose end = lengths + new tokens [B] exceeds the
+  capacity, when `end` is concrete (outside jit); traced ends pass (see `append_checked`)."""
+  if _is_concrete(end) and np.any(np.asarray(end) > capacity):
+    over = np.flatnonzero(np.asarray(end) > capacity).tolist()
+    raise ValueError(
+        f"append past capacity={capacity}: lengths + new tokens = {np.asarray(end).tolist()} (sequences {over})"
+    )
+
+
 def _append(cache: KVCache, k: jax.Array, v: jax.Array, num_new) -> tuple[KVCache, jax.Array]:
   """Validated append: (new cache, the end lengths + count [B] before saturation)."""
-  _check_kv(cache, k, v, "append")
-  count = _valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
+  check_kv(cache, k, v, "append")
+  count = valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
   return _write(cache, k, v, cache.lengths, count), cache.lengths + count
 
 
@@ -409,12 +423,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None
   dropped and `lengths` saturates at the capacity — use `append_checked` to get an error there.
   """
   new, end = _append(cache, k, v, num_new)
-  if _is_concrete(end) and np.any(np.asarray(end) > cache.capacity):
-    over = np.flatnonzero(np.asarray(end) > cache.capacity).tolist()
-    raise ValueError(
-        f"append past capacity={cache.capacity}: lengths + new tokens = {np.asarray(end).tolist()} "
-        f"(sequences {over})"
-    )
+  check_capacity(end, cache.capacity)
   return new
 
 
