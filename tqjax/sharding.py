@@ -147,15 +147,6 @@ def _write_ring(buf: jax.Array, x: jax.Array, pos: jax.Array, ok: jax.Array, end
   return C.scatter_tokens(buf, x.astype(buf.dtype), pos % w, ok & (pos >= end[:, None] - w))
 
 
-def _outlier_perm_from_ms(ms: jax.Array, n_out: int) -> jax.Array:
-  """Channel permutation [B, K, H] from per-channel mean squares ms [B, K, H]: the n_out largest
-  first (increasing channel order), then the rest in order — `tqjax.cache`'s prefill rule."""
-  top = jax.lax.top_k(ms, n_out)[1].astype(jnp.int32)
-  is_out = jnp.any(jnp.arange(ms.shape[-1])[None, None, :, None] == top[:, :, None, :], axis=-1)
-  rest = jnp.argsort(is_out, axis=-1, stable=True).astype(jnp.int32)[..., : ms.shape[-1] - n_out]
-  return jnp.concatenate([jnp.sort(top, axis=-1), rest], axis=-1)
-
-
 def _global_mean(x: jax.Array, real: jax.Array, count: jax.Array, axis: _Axes) -> jax.Array:
   """Mean over the real tokens of every shard: x [B, K, T', H], real [B, T'] (this shard's),
   count [B] (all shards) → [B, K, H] (0 where count is 0)."""
@@ -224,7 +215,7 @@ def prefill(cache: C.KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | N
       new = dataclasses.replace(new, key_mean=_global_mean(k.astype(jnp.float32), real, count, seq))
     if cfg.outlier_channels:
       k_c = k.astype(jnp.float32) - new.key_mean[:, :, None, :] if cfg.center_keys else k.astype(jnp.float32)
-      perm = lambda x: _outlier_perm_from_ms(_global_mean(jnp.square(x), real, count, seq), cfg.outlier_channels)
+      perm = lambda x: C.outlier_perm(_global_mean(jnp.square(x), real, count, seq), cfg.outlier_channels)
       new = dataclasses.replace(new, k=dataclasses.replace(new.k, perm=perm(k_c)),
                                 v=dataclasses.replace(new.v, perm=perm(v.astype(jnp.float32))))
     local = _write_slice(new, k, v, jnp.clip(count - s0, 0, s_loc), encoder)
@@ -254,13 +245,7 @@ def _write_slice(cache: C.KVCache, k, v, count, encoder) -> C.KVCache:
     if encoder is not C.encode_tokens:
       raise ValueError(f"outlier_channels={cache.config.outlier_channels}: the fused encode kernels have no channel split")
     return C.append(dataclasses.replace(local, lengths=jnp.zeros_like(count)), k, v, count)
-  if cache.key_mean is None:
-    return C.prefill_with_encoder(local, k, v, count, encoder=encoder)
-  # The prefill of a cache without a key mean finds none; the keys' encode gets the mean of all
-  # shards instead (the encoder centres them, as an unsharded prefill's does).
-  mean = cache.key_mean
-  centred = lambda tq, x, m: encoder(tq, x, mean if x is k else m)
-  return C.prefill_with_encoder(dataclasses.replace(local, key_mean=None), k, v, count, encoder=centred)
+  return C.prefill_with_encoder(local, k, v, count, encoder=encoder, key_mean=cache.key_mean)
 
 
 def append(cache: C.KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None, *,
