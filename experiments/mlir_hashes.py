@@ -94,19 +94,9 @@ def decode_mgpu_hashes():
 
   def lower(d, case, **tuning):
     cache, pq, ranges, cap = _decode_inputs(d, case)
-    stages = tuning.pop("stages", None)
-    saved = {name.upper(): getattr(M, name.upper()) for name in tuning}
-    for name, value in tuning.items():
-      setattr(M, name.upper(), value)
-    try:
-      jax.clear_caches()
-      with use_abstract_mesh(H100()):
-        return digest(jax.jit(functools.partial(M.decode_partial, soft_cap=cap, stages=stages))
-                      .trace(cache, pq, ranges, ranges).lower(lowering_platforms=("cuda",)))
-    finally:
-      for name, value in saved.items():
-        setattr(M, name, value)
-      jax.clear_caches()
+    f = functools.partial(M.decode_partial, soft_cap=cap, tuning=M.DecodeTuning(**tuning))
+    with use_abstract_mesh(H100()):
+      return digest(jax.jit(f).trace(cache, pq, ranges, ranges).lower(lowering_platforms=("cuda",)))
 
   for d in HEAD_DIMS:
     for case in DECODE_CASES:

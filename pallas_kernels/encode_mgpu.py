@@ -13,7 +13,7 @@ It is faster than the Triton encode because the structure Triton cannot express 
   blocks through a TMA pipeline (`stages` blocks in flight).
 * x (− the group mean) is loaded from shared memory into registers in the wgmma layout; its norm
   and finiteness come from there, in float32. Each row is scaled by a power of two
-  (`_float16_row_scales`) into float16 and y = x·Πᵀ is one float16 wgmma with x from registers
+  (`numerics.float16_row_scales`) into float16 and y = x·Πᵀ is one float16 wgmma with x from registers
   [64, d] (natural coordinate order), scaled back with the inverse norm. Π's float16 rounding
   (2^-11 relative, as tf32) moves y by ~2e-4/√d rms for a unit x: a coordinate that close to a
   codebook boundary may take the neighbouring level, as with the XLA path's own tf32-class dot.
@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.encode_gpu import _tables, group_tokens, nudged_magnitude
+from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
 from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
@@ -114,16 +115,6 @@ def _sm_count() -> int:
   """SMs of the device compiled for: the abstract mesh's device (lowering without a GPU), else device 0."""
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return device.num_cores if device is not None and device.num_cores else jax.devices()[0].core_count
-
-
-def _float16_row_scales(amax):
-  """amax [...] float32 (a row's max |x|) → (up, down) [...] float32, powers of two with up·down = 1:
-  max |x·up| ∈ [256, 512), so x·up keeps 11 significant bits in float16 down to 2^-14 (bf16 x
-  exactly). amax below 2^-100 counts as 2^-100 (a zero row gets finite scales); Inf or NaN give
-  meaningless ones: such rows are not kept."""
-  e = lax.bitcast_convert_type(jnp.maximum(amax, jnp.float32(2.0**-100)), jnp.uint32) & jnp.uint32(0x7F800000)
-  up = lax.bitcast_convert_type(jnp.uint32((127 + 127 + 8) << 23) - e, jnp.float32)  # 2^(8 − E), amax = 2^E·f
-  return up, lax.bitcast_convert_type(e - jnp.uint32(8 << 23), jnp.float32)
 
 
 def _swizzled(minor_elems: int):
@@ -212,7 +203,7 @@ def encode(
       finite = (amax < jnp.inf) & (norm2 == norm2)
       norm = jnp.sqrt(norm2)
       keep = finite & (norm > 0) if centred else finite
-      up, down = _float16_row_scales(amax)
+      up, down = float16_row_scales(amax)
       row = lambda v: lax.broadcast_in_dim(v, (BT, d), [0])
 
       def rotate(acc_ref):
