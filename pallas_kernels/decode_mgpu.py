@@ -68,13 +68,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ptx
-from pallas_kernels.dequant import BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm, kernel_slots
+from pallas_kernels.dequant import (BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm,
+                                    kernel_slots)
 from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
 from tqjax.cache import compressed_partial_reference
 
-__all__ = ["BITS", "DEFAULT_TILES", "HEAD_DIMS", "MAX_ROWS", "DecodeTuning", "decode_partial",
-           "decode_partial_reference", "default_num_splits", "float16_rows", "par_tables", "q_fragments", "supported"]
+__all__ = ["DEFAULT_TILES", "MAX_ROWS", "DecodeTuning", "decode_partial", "decode_partial_reference",
+           "default_num_splits", "float16_rows", "par_tables", "q_fragments", "supported"]
 
 # 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block, per
 # head_dim (H200, pipelined same-run A/B, 2026-11-29; register counts of those builds).
