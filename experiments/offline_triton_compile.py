@@ -57,7 +57,6 @@ DECODE_CASES = {  # name: (k bits, v bits, k variant, kernel options); B=8, Hq=3
     "decode K3/V3 bf16 dots": (3, 3, "mse", dict(dot_dtype="bfloat16")),
     "decode K4/V4 tf32": (4, 4, "mse", {}),
     "decode K3prod/V3 tf32": (3, 3, "prod", {}),
-    "decode K3/V3 load_only": (3, 3, "mse", dict(variant="load_only")),
 }
 
 _COMPILE = r"""

@@ -111,7 +111,7 @@ def test_block_dequantization_matches_unpack(d, bits):
   words = packing.pack(codes, bits)
   cb = lloyd_max(bits, d)[0]
   rows = [words[:, r * w:(r + 1) * w] for r in range(bits)]
-  got = K._to_kernel_order(K._dequant_leaves(rows, bits, K._odd_poly(cb), "full"), 16, w)
+  got = K._to_kernel_order(K._dequant_leaves(rows, bits, K._odd_poly(cb)), 16, w)
   want = K._to_kernel_perm(jnp.asarray(cb, jnp.float32)[codes.astype(jnp.int32)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   if bits == 1:  # QJL sign rows: bit 1 → +1, bit 0 → −1
