@@ -68,8 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ptx
-from pallas_kernels.dequant import (BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm,
-                                    kernel_slots)
+from pallas_kernels.dequant import BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm
 from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
 from tqjax.cache import compressed_partial_reference
@@ -410,9 +409,9 @@ def _prepare_query(parts):
   R zero) into float16 rows at a power-of-two scale per row (`float16_rows`, its reference) in
   kernel order (`kernel_perm(bits, D)`) and stores them as the B fragments that `q_fragments` lays
   out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or "sqscale" (part 1). Lane
-  4g + c gathers the coordinates `kernel_perm` gives its fragment words (W·slot + 4u + c, halves u,
-  W = D/32; at D = 64 W·(16·(c // 2) + slot) + c % 2) of row g; the row max is a maximum over the 4
-  lanes of a row. Ends with a warpgroup barrier."""
+  4g + c gathers the coordinates `kernel_perm` gives its fragment words (kernel columns
+  128u + 8k + 2c + e) of row g; the row max is a maximum over the 4 lanes of a row. Ends with a
+  warpgroup barrier."""
 
   @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
   def prepare(ctx, q_refs, qf_ref, par_ref):
@@ -436,17 +435,20 @@ def _prepare_query(parts):
         w = d // packing.WORD_BITS
         real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
         row = ix(arith.minui(g, ops.const(rows - 1)))
-        base, slots = c, kernel_slots(bits)
-        if w < QUAD:  # d = 64: slots 16·(c // 2) + kernel_slots(bits, 16) of column c % 2
+        # The thread's coordinates are `kernel_perm` at its columns 128u + 8k + 2c + e: those of
+        # thread 0 (columns 128u + 8k + e) plus the thread's base, c (d = 64: 16W·(c // 2) + c % 2).
+        base = c
+        if w < QUAD:
           base = arith.addi(arith.andi(c, ops.const(1)), arith.muli(arith.shrui(c, ops.const(1)), ops.const(16 * w)))
-          slots = kernel_slots(bits, 16)
+        perm = kernel_perm(bits, d)
         x = []
         for u in range(_halves(d)):
-          for slot in slots:
-            v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(w * int(slot) + QUAD * u)))])
-            if coef != 1.0:
-              v = arith.mulf(v, arith.constant(f32, coef))
-            x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
+          for k in range(min(d, 128) // 8):
+            for e in range(2):
+              v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(int(perm[128 * u + 8 * k + e]))))])
+              if coef != 1.0:
+                v = arith.mulf(v, arith.constant(f32, coef))
+              x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
         # max |x| on the bit patterns: with the sign bit cleared integer order is float order,
         # and NaN sorts above +inf, so a row holding NaN or ±inf gets exponent field 255.
         amax = functools.reduce(arith.maxui, [ops.band(e, ops.const(0x7FFFFFFF)) for e in x])
