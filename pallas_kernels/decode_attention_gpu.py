@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import bf16
+from pallas_kernels.column_order import from_column_major, to_column_major
 from tqjax import packing
 from tqjax.cache import compressed_partial_reference
 from tqjax.codebook import lloyd_max  # static float64 centroids (the pytree's are traced under jit)
@@ -391,18 +392,6 @@ def supported(cache) -> tuple[bool, str]:
   return True, ""
 
 
-def _to_kernel_perm(x: jax.Array) -> jax.Array:
-  """[..., D] natural order (i = s·W + w) → kernel order (j = w·32 + s)."""
-  d = x.shape[-1]
-  return jnp.swapaxes(x.reshape(*x.shape[:-1], LANES, d // LANES), -1, -2).reshape(x.shape)
-
-
-def _from_kernel_perm(x: jax.Array) -> jax.Array:
-  """Inverse of `_to_kernel_perm`."""
-  d = x.shape[-1]
-  return jnp.swapaxes(x.reshape(*x.shape[:-1], d // LANES, LANES), -1, -2).reshape(x.shape)
-
-
 def default_block_k(head_dim: int, seq_len: int) -> int:
   bk = 64 if head_dim <= 128 else 32
   while bk > 16 and bk > seq_len:
@@ -479,11 +468,11 @@ def decode_partial(
     x = x.reshape(b, kh, rows, *x.shape[4:])
     return jnp.pad(x, [(0, 0), (0, 0), (0, rows_p - rows)] + [(0, 0)] * (x.ndim - 3))
 
-  q = rows_of(_to_kernel_perm(pq.q[0].astype(jnp.float32)))
+  q = rows_of(to_column_major(pq.q[0].astype(jnp.float32)))
   sq = None
   if kq.qjl is not None:
     coef = 1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim)
-    sq = rows_of(_to_kernel_perm(pq.sq[0].astype(jnp.float32) * jnp.float32(coef)))
+    sq = rows_of(to_column_major(pq.sq[0].astype(jnp.float32) * jnp.float32(coef)))
   offset = rows_of(pq.offset.astype(jnp.float32))
   row_range = lambda x, fill: jnp.pad(
       jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)).reshape(b, kh, rows),
@@ -508,7 +497,7 @@ def decode_partial(
   )
   acc, m, l = jax.vmap(jax.vmap(inner))(q, sq, offset, lo_r, hi_r, kc, kn, ks, kr, vc, vn)
   acc, m_all, l_all = merge_splits(acc, m, l)
-  acc = _from_kernel_perm(acc).reshape(b, kh, g, t, d)
+  acc = from_column_major(acc).reshape(b, kh, g, t, d)
   return (acc,), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
 
 

@@ -76,6 +76,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import bf16
+from pallas_kernels.column_order import to_column_major
 from tqjax import packing
 from tqjax.codebook import lloyd_max  # static float64 codebooks (the pytree's arrays are traced under jit)
 from tqjax.quantizer import Code, Quantizer, _check_vectors
@@ -112,14 +113,8 @@ def _tables(bits: int, dim: int) -> tuple[tuple[float, ...], tuple[float, ...], 
   return bounds, levels, squares
 
 
-def _to_kernel_order(m: jax.Array) -> jax.Array:
-  """Columns of m [..., n] from natural order (i = s·W + w) to kernel order (j = w·32 + s), W = n/32."""
-  n = m.shape[-1]
-  return jnp.swapaxes(m.reshape(*m.shape[:-1], LANES, n // LANES), -1, -2).reshape(m.shape)
-
-
 def _rotation_kernel_order(tq: Quantizer) -> jax.Array:
-  return _to_kernel_order(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ it, kernel order
+  return to_column_major(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ it, kernel order
 
 
 def group_tokens(x: jax.Array, mean: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
@@ -147,8 +142,8 @@ def rotation_operands(tq: Quantizer, precision: str) -> tuple[jax.Array, ...]:
 
 def sketch_operands(tq: Quantizer, precision: str) -> tuple[jax.Array, ...]:
   """Sᵀ [d, m] in kernel order on both axes (z = r @ it, r and z in kernel order), split like P."""
-  st = _to_kernel_order(tq.qjl.matrix.T.astype(jnp.float32))  # columns: sketch rows
-  return _split(_to_kernel_order(st.T).T, precision)  # rows: residual coordinates
+  st = to_column_major(tq.qjl.matrix.T.astype(jnp.float32))  # columns: sketch rows
+  return _split(to_column_major(st.T).T, precision)  # rows: residual coordinates
 
 
 # ----------------------------------------------------------------------------- the kernel

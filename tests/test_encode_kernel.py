@@ -29,6 +29,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from pallas_kernels import dispatch
 from pallas_kernels import encode_gpu as E
+from pallas_kernels.column_order import to_column_major
 from tqjax import cache as C
 from tqjax import packing
 from tqjax import quantizer as Q
@@ -216,7 +217,7 @@ def test_tables_and_kernel_order(d):
   (p,) = E.rotation_operands(tq, "tf32")
   y = x @ np.asarray(p, np.float64)
   want = x @ np.asarray(dense_matrix(tq.rotation), np.float64).T
-  to_kernel = lambda a: np.asarray(E._to_kernel_order(jnp.asarray(a)))
+  to_kernel = lambda a: np.asarray(to_column_major(jnp.asarray(a)))
   np.testing.assert_allclose(y, to_kernel(want), rtol=1e-5, atol=1e-5)
   w = d // 32
   for j in (0, 1, 33 % d, d - 1):
