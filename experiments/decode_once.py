@@ -5,9 +5,8 @@ S = 32k: a process with exactly one launch of the decode kernel, for profilers a
       python experiments/decode_once.py K3/V3
   PYTHONPATH=. MOSAIC_GPU_DUMP_PTX=1 python experiments/decode_once.py K3/V3 > k3v3.log  # sass_mix.py
 
-Nsight Compute ran this way in 15 s per config on an H200 (2026-11-29,
-results/ncu_decode_NVIDIA_H200_2026-11-29_session13.md), where `kernel_time.py`'s multi-launch
-runs had hung on the same kernels.
+Nsight Compute ran this way in 15 s per config on an H200 (2026-11-29), where `kernel_time.py`'s
+multi-launch runs hung on the same kernels.
 """
 
 import sys

@@ -57,6 +57,8 @@ from experiments.bench_decode import CONFIGS, random_cache, rel_err  # noqa: E40
 from pallas_kernels import decode_mgpu as M  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 
+__all__ = ["attention_fn", "check", "load_source", "main", "parse", "partial_fn", "wall"]
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 2
 UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}

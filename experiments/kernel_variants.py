@@ -1,11 +1,11 @@
 """Decode-kernel design space on a GPU: every (form, dots, dtype, block) variant of
 `pallas_kernels.decode_attention_gpu` checked against the XLA oracle and timed against cuDNN bf16
-in one process, at B=8, Hq=32, Hkv=8, D=128, S=32k (the issue's target shape).
+in one process, at B=8, Hq=32, Hkv=8, D=128, S=32k (the decode benchmark's shape).
 
   PYTHONPATH=. python experiments/kernel_variants.py [--only NAME,NAME] [--configs K3/V3,K4/V4]
 
 Prints a table and writes experiments/results/kernel_variants_<device>_<date>.md. The kernel's
-defaults are chosen from these tables; experiments/results/kernel_notes.md interprets them.
+defaults are chosen from these tables.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from experiments.bench_decode import (  # noqa: E402
     CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, random_cache)
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+
+__all__ = ["VARIANTS", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

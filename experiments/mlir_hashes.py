@@ -23,6 +23,8 @@ import hashlib
 import re
 import sys
 
+__all__ = ["KERNELS", "digest", "main", "no_source_locations"]
+
 KERNELS = ("decode_mgpu", "decode_attention_gpu", "decode_attention_tpu", "encode_gpu", "encode_mgpu")
 
 # decode kernels: k bits, v bits, key variant, G, T, S, soft cap, norm dtype (per head_dim)

@@ -29,9 +29,9 @@ How a block is dequantized without gathers, reshapes of packed words or slicing 
   operands with `dot_dtype="bfloat16"` (the query and probabilities split hi + lo by
   `pallas_kernels.bf16.split`, centroids rounded once: 0.9–2.3e-3; 5–35 % faster, most at D=256).
 
-Status (H200, 2026-11-27; experiments/results/kernel_notes.md, kernel_variants_*.md): correct,
-2.4–4.4× faster than the XLA reference path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50×
-(K3/V3, bf16 dots) of cuDNN bf16, at 6–8 % of copy bandwidth.
+Speed (H200, 2026-11-27, experiments/kernel_variants.py): 2.4–4.4× faster than the XLA reference
+path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50× (K3/V3, bf16 dots) of cuDNN bf16, at 6–8 %
+of copy bandwidth; on Hopper `decode_mgpu` replaces this kernel where it applies (`dispatch`).
 Not memory-bound: ~18 SASS instructions per cached coordinate (~12 of them dequantization;
 experiments/offline_triton_compile.py --decode), issued at ~35 % of peak because 168 registers
 allow only 12 warps per SM (Nsight Compute: SM throughput 67 %, memory 41 %). Building the tiles
@@ -58,6 +58,10 @@ from pallas_kernels.column_order import from_column_major, to_column_major
 from tqjax import packing
 from tqjax.cache import compressed_partial_reference
 from tqjax.codebook import lloyd_max  # static float64 centroids (the pytree's are traced under jit)
+
+__all__ = ["DOT_DTYPES", "HEAD_DIMS", "LANES", "MAX_CODE_BITS", "MAX_ROWS", "decode_partial",
+           "decode_partial_reference", "default_block_k", "default_num_splits", "merge_splits", "supported",
+           "tq_decode_kernel"]
 
 LANES = packing.WORD_BITS  # 32 slots per packed word
 HEAD_DIMS = (32, 64, 128, 256)

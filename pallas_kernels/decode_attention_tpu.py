@@ -46,6 +46,9 @@ from pallas_kernels.column_order import from_column_major, to_column_major
 from tqjax import packing
 from tqjax.cache import KVCache, PreparedQuery, compressed_partial_reference
 
+__all__ = ["MAX_CODEBOOK_BITS", "decode_attention_kernel", "decode_partial_reference", "decode_partial_tpu",
+           "supported"]
+
 _HIGHEST = lax.Precision.HIGHEST
 _SUBLANES = 8  # slots per unpacked tile: one sublane group
 _LANES = 128

@@ -5,7 +5,7 @@ for mse quantizers, bfloat16 inputs, d ∈ {64, 128} and token counts per group 
 of 64; `encode_gpu` (Triton) does everything else. On an H200 (2026-11-28, K, V bf16
 [8, 8, 32768, 128], 10 calls back to back) one tensor's encode took 530-600 µs, and a prefill
 K3/V3 1271-1293 µs = 1.83-1.91x a bf16 read + write of K and V (K4/V4: 2.14-2.21x;
-experiments/results/bench_encode_NVIDIA_H200_2026-11-28_pipelined10.md, kernel_notes.md).
+experiments/bench_encode.py).
 It is faster than the Triton encode because the structure Triton cannot express is explicit here:
 
 * Persistent CTAs: each holds Π (float16) and the packing matrices in shared memory for its
@@ -44,11 +44,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.encode_gpu import _tables, group_tokens, nudged_magnitude
+from pallas_kernels.encode_gpu import codebook_tables, group_tokens, nudged_magnitude
+from pallas_kernels.encode_gpu import encode_reference as encode_gpu_reference  # the same contract
 from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
 from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
+
+__all__ = ["BT", "DIMS", "MAX_BITS", "encode", "encode_reference", "pack_matrices", "quantize_fields",
+           "supported"]
 
 BT = 64  # tokens per block: one warpgroup's wgmma M
 DIMS = (64, 128)  # d = 256 needs 256 KB for Π's two parts: more than an SM's shared memory
@@ -156,7 +160,7 @@ def encode(
   nblocks = groups * tokens // BT
   ctas = ctas or _sm_count()
   workers = ctas * wgs
-  bounds, _, squares = _tables(bits, d)
+  bounds, _, squares = codebook_tables(bits, d)
   p16 = dense_matrix(tq.rotation).T.astype(jnp.float16)  # y = x @ Πᵀ: entries ≤ 1, 2^-11 relative
   mats = jnp.asarray(pack_matrices(bits, d), jnp.bfloat16)  # powers of two: exact
   nparts, n_out = mats.shape[0], mats.shape[-1]
@@ -264,3 +268,9 @@ def encode(
   )
   codes, norms = run(xg.reshape(n, d), p16, mats, mean)
   return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead))
+
+
+def encode_reference(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) -> Code:
+  """Plain-jnp reference of `encode` (x [..., T, d], mean [..., d] or None → Code): the XLA encode
+  of x − mean, as `encode_gpu.encode_reference`."""
+  return encode_gpu_reference(tq, x, mean)

@@ -22,7 +22,7 @@ __all__ = ["MlirOps", "butterfly", "elems", "fragment", "mma", "modules", "threa
 
 
 class MlirOps:
-  """The `ops` of `expand` as MLIR (arith + PTX prmt), on i32 values."""
+  """The `ops` of `pallas_kernels.dequant.expand` as MLIR (arith + PTX prmt), on i32 values."""
 
   def __init__(self):
     from jax._src.lib.mlir import ir  # noqa: PLC0415
@@ -64,7 +64,6 @@ class MlirOps:
     return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
 
 
-
 def modules():
   """(ir, arith, memref, vector, mgpu utils, fragmented_array) for the inline_mgpu bodies."""
   from jax._src.lib.mlir import ir  # noqa: PLC0415
@@ -73,6 +72,7 @@ def modules():
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
 
   return ir, arith, memref, vector, mgpu_utils, fa
+
 
 def mma(kind: str, a, b, c):
   """One warp's `mma.sync` m16n8k16 (row.col, float32 accumulator) on `kind` (f16 or bf16)
@@ -139,6 +139,5 @@ def thread_coords(ops):
 def butterfly(x, lanes: int, ops):
   """`shfl.sync.bfly` of an i32 value: the value of lane (this lane XOR lanes)."""
   *_, mgpu_utils, _ = modules()
-  i32 = x.type
   return mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", x, ops.const(lanes),
-                               result_types=i32, convergent=True)
+                               result_types=x.type, convergent=True)

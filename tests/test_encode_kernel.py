@@ -205,7 +205,7 @@ def test_tables_and_kernel_order(d):
   # for m = 0, 1 (code 1 − m for y ≤ 0 has centroid −c_{2+m}).
   for bits in range(1, E.MAX_BITS + 1):
     c, b, _ = lloyd_max(bits, d)
-    bounds, levels, squares = E._tables(bits, d)
+    bounds, levels, squares = E.codebook_tables(bits, d)
     h = 2 ** (bits - 1)
     assert bounds == tuple(np.float32(b[h:]).tolist())
     assert levels == tuple(np.float32(c[h:]).tolist())
@@ -249,7 +249,7 @@ def test_quantize_and_pack_tile_exact(bits):
   vals = np.resize(vals, 16 * 32).astype(np.float32)
   np.random.default_rng(bits).shuffle(vals)
   y = jnp.asarray(vals.reshape(16, 32))
-  bounds, levels, squares = E._tables(bits, d)
+  bounds, levels, squares = E.codebook_tables(bits, d)
   code, sq, chat = E._quantize_tile(y, bits, bounds, levels, squares, jnp.full(y.shape, squares[0]), True)
   want = np.asarray(quantize(cb, y)).astype(np.uint32)
   np.testing.assert_array_equal(np.asarray(code), want)

@@ -55,7 +55,7 @@ def test_quantize_fields_and_pack_matrices_exact(d, bits):
   rng = np.random.default_rng(bits + d)
   y = rng.permutation(np.resize(vals, 8 * d)).reshape(8, d).astype(np.float32)
   y[3, 7] = np.nan
-  bounds, _, squares = encode_gpu._tables(bits, d)
+  bounds, _, squares = encode_gpu.codebook_tables(bits, d)
   fields, sq = M.quantize_fields(jnp.asarray(y), bits, bounds, squares, jnp.zeros(y.shape, jnp.float32))
   assert M.quantize_fields(jnp.asarray(y), bits, bounds, squares, None)[1] is None
   want = np.asarray(quantize(cb, jnp.asarray(np.nan_to_num(y, nan=0.0)))).astype(np.int64)
@@ -113,7 +113,7 @@ def _kernel_model(tq, x, mean):
   acc = jnp.dot((xc * up[:, None]).astype(jnp.float16), dense_matrix(tq.rotation).T.astype(jnp.float16),
                 preferred_element_type=jnp.float32)
   y = acc * jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)[:, None]
-  bounds, _, squares = encode_gpu._tables(bits, d)
+  bounds, _, squares = encode_gpu.codebook_tables(bits, d)
   fields, sq = M.quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]))
   words = _pack_on_matrices(fields, bits, d)[1].astype(np.uint32)
   scale = jnp.where(finite, norm, jnp.nan) / jnp.sqrt(jnp.sum(sq, axis=1))
