@@ -11,7 +11,7 @@ A variant is a dict of `decode_mgpu.DecodeTuning` fields (stages, tiles, num_spl
 key_chains, edge_masks_only, max_slack), the others at their defaults, and optionally "source":
 another version of decode_mgpu.py, loaded as a module of its own (`load_source`) and called
 directly (with tuning fields only if it has `DecodeTuning`). Each variant's decode attention is
-`chunked_attention` with that module's `decode_partial` as its partial (what `dispatch.attention`
+`tqjax.ops.attention` with that module's `decode_partial` as its partial (what the default path
 runs on Hopper, with the variant's tuning). The script runs itself under
 `ncu --metrics gpu__time_duration.sum -k regex:tq_decode_mgpu` (clocks left alone), which times every
 launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.bench_decode import CONFIGS, random_cache, rel_err  # noqa: E402
 from pallas_kernels import decode_mgpu as M  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 
 __all__ = ["attention_fn", "check", "load_source", "main", "parse", "partial_fn", "wall"]
 
@@ -104,7 +105,7 @@ def partial_fn(variant: dict):
 def attention_fn(variant: dict):
   """Jitted decode attention (cache, q [B, Hq, D]) → [B, Hq, D] through the variant's kernel."""
   fn = partial_fn(variant)
-  return jax.jit(lambda cache, q: C.chunked_attention(cache, q[:, :, None], partial_fn=fn)[:, :, 0])
+  return jax.jit(lambda cache, q: tq_ops.attention(cache, q, partial_fn=fn))
 
 
 def _require_kernel(cache, rows: int, c: str, head_dim: int) -> None:
@@ -121,9 +122,10 @@ def check(variant: dict, cname: str, d: int, s: int, seed: int = 3) -> tuple[flo
   r = np.random.default_rng(100 + seed)
   k = jnp.asarray(r.standard_normal((b, kh, s, d)) + 0.3, jnp.float32)
   v = jnp.asarray(r.standard_normal((b, kh, s, d)), jnp.float32)
-  cache = C.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray([s, s // 3 + 1, 1], jnp.int32))
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray([s, s // 3 + 1, 1], jnp.int32),
+                        implementation="xla")
   q = jnp.asarray(r.standard_normal((b, kh * g, d)) * 2, jnp.float32)
-  want = jax.jit(lambda cache, q: C.attention(cache, q, implementation="xla"))(cache, q)
+  want = jax.jit(lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))(cache, q)
   got = np.asarray(attention_fn(variant)(cache, q))
   return rel_err(got, want), bool(np.isnan(got).any())
 

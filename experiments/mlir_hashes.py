@@ -84,11 +84,12 @@ def _decode_inputs(d, case, batch=2, kv_heads=3):
   import jax.numpy as jnp  # noqa: PLC0415
 
   from tqjax import cache as C  # noqa: PLC0415
+  from tqjax import partials  # noqa: PLC0415
 
   kb, vb, var, g, t, s, cap, nd = case
   cfg = C.CacheConfig(head_dim=d, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
   cache = jax.eval_shape(lambda: C.init_cache(cfg, batch, kv_heads, s))
-  pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((batch, kv_heads, g, t, d), jnp.float32), 0.1), cache)
+  pq = jax.eval_shape(lambda c: partials.prepare_query(c, jnp.zeros((batch, kv_heads, g, t, d), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((batch, t), jnp.int32)
   return cache, pq, ranges, cap
 

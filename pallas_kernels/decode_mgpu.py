@@ -1,6 +1,6 @@
 """Fused decode attention on Hopper GPUs (Pallas Mosaic GPU) over the packed TurboQuant cache.
 
-The contract of `tqjax.cache.compressed_partial_reference` (`decode_partial_reference` here; the
+The contract of `tqjax.partials.compressed_partial_reference` (`decode_partial_reference` here; the
 Triton kernel `decode_attention_gpu` handles every config this one does not) for: mse or prod
 keys and mse values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 64, 128
 or 256, no outlier channels, at most 8 query rows (G·T) per kv head. Tuned by `DecodeTuning`, a
@@ -71,7 +71,7 @@ from pallas_kernels import ptx
 from pallas_kernels.dequant import BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm
 from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
-from tqjax.cache import compressed_partial_reference
+from tqjax.partials import compressed_partial_reference
 
 __all__ = ["DEFAULT_TILES", "MAX_ROWS", "DecodeTuning", "decode_partial", "decode_partial_reference",
            "default_num_splits", "float16_rows", "par_tables", "q_fragments", "supported"]
@@ -728,7 +728,7 @@ def default_num_splits(heads: int, seq: int, bk: int, ctas: int = 132 * 8) -> in
 @functools.partial(jax.jit, static_argnames=("soft_cap", "tuning"))
 def decode_partial(
     cache,  # tqjax.cache.KVCache that `supported` accepts
-    pq,  # tqjax.cache.PreparedQuery: q [B, K, G, T, D], sq [B, K, G, T, D] (prod keys), offset [B, K, G, T]
+    pq,  # tqjax.partials.PreparedQuery: q [B, K, G, T, D], sq [B, K, G, T, D] (prod keys), offset [B, K, G, T]
     lo,  # [B, T] int32: first attended slot per query token
     hi,  # [B, T] int32: one past the last attended slot
     soft_cap: float | None = None,
