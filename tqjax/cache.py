@@ -135,7 +135,7 @@ class CacheConfig:
 class Store:
   """Compressed keys or values. main/outlier: `Code` with batch dims [B, K, S].
 
-  perm: int32 [B, K, D] when outlier channels are on: channel perm[:n_out] are the outliers,
+  perm: int32 [B, K, H] when outlier channels are on: channel perm[:n_out] are the outliers,
   the rest (in increasing order) the main channels; else None.
   """
 
@@ -265,9 +265,9 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
 
 
 def split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
-  """x [B, K, ..., D] → (main channels [..., D − n_out], outlier channels [..., n_out] or None).
+  """x [B, K, ..., H] → (main channels [..., H − n_out], outlier channels [..., n_out] or None).
 
-  perm [B, K, D] is the store's channel permutation (outliers first).
+  perm [B, K, H] is the store's channel permutation (outliers first).
   """
   if perm is None:
     return x, None
@@ -288,7 +288,7 @@ def encode_tokens(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) ->
 
 
 def _write_store(store: Store, x: jax.Array, put, n_out: int, mean, encoder) -> Store:
-  """Encodes x [B, K, T, D] (− mean [B, K, D], if given) with `encoder` and writes it into `store`
+  """Encodes x [B, K, T, H] (− mean [B, K, H], if given) with `encoder` and writes it into `store`
   with put(dst, src)."""
   if store.perm is None:
     return dataclasses.replace(store, main=jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, x, mean)))
@@ -304,7 +304,7 @@ def _write(
     cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array, encoder=encode_tokens,
     prefix: bool = False,
 ) -> KVCache:
-  """Writes tokens t < count[b] of k, v [B, K, T, D] at slots start[b] + t; past capacity is dropped.
+  """Writes tokens t < count[b] of k, v [B, K, T, H] at slots start[b] + t; past capacity is dropped.
   prefix: start is 0 for every sequence (prefill), so the tokens go to slots 0 .. T − 1 in place."""
   t = k.shape[2]
   pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -348,14 +348,14 @@ def _valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
 
 
 def _masked_mean(x: jax.Array, count: jax.Array) -> jax.Array:
-  """Mean over tokens t < count[b] of x [B, K, T, D] → [B, K, D] (0 where count is 0); the other
+  """Mean over tokens t < count[b] of x [B, K, T, H] → [B, K, H] (0 where count is 0); the other
   tokens are never read into it (NaN padding included)."""
   m = (jnp.arange(x.shape[2])[None, :] < count[:, None])[:, None, :, None]
   return jnp.sum(jnp.where(m, x, 0.0), axis=2) / jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
 
 
 def _outlier_perm(x: jax.Array, count: jax.Array, n_out: int) -> jax.Array:
-  """Channel permutation [B, K, D]: the n_out channels of largest RMS first, then the rest in order."""
+  """Channel permutation [B, K, H]: the n_out channels of largest RMS first, then the rest in order."""
   rms = _masked_mean(jnp.square(x), count)
   top = jax.lax.top_k(rms, n_out)[1].astype(jnp.int32)
   is_out = jnp.any(jnp.arange(x.shape[-1])[None, None, :, None] == top[:, :, None, :], axis=-1)
