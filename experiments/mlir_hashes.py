@@ -10,8 +10,10 @@ of configs (head_dim 64, 128, 256; mse and prod keys; several bit widths), and e
 `kernel config sha256` (the first 12 hex digits of the SHA-256 of the lowered module's text, the
 serialized kernel included). Source locations (file, line, column) are left out of the lowering:
 a function that moves to another file or line lowers to the same bytes. Names stay in (the
-pallas_call and kernel names, jit names), so renaming a kernel function changes its hash.
-About 20 s on one CPU core; nothing runs before the arguments are parsed.
+pallas_call and kernel names, jit names), so renaming a kernel function changes its hash. Each
+kernel is lowered in a process of its own: Mosaic GPU numbers the kernels a process lowers
+(`kernel_0`, `kernel_1`, ...), so a kernel's hashes would otherwise depend on which kernels were
+lowered before it. About 40 s on one CPU core; nothing runs before the arguments are parsed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import re
+import subprocess
 import sys
 
 __all__ = ["KERNELS", "digest", "main", "no_source_locations"]
@@ -213,13 +216,19 @@ def main(argv=None) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   ap.add_argument("--only", default=",".join(KERNELS), help=f"comma list of kernels, of {', '.join(KERNELS)}")
   ap.add_argument("--kernels-only", action="store_true", help="hash only the kernels' custom calls (see digest)")
+  ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # one kernel, here
   args = ap.parse_args(argv)
-  global KERNELS_ONLY
-  KERNELS_ONLY = args.kernels_only
   kernels = args.only.split(",")
   unknown = sorted(set(kernels) - set(KERNELS))
   if unknown:
     ap.error(f"unknown kernels {unknown}; choose from {KERNELS}")
+  if not args.in_process:
+    for kernel in kernels:
+      flags = ["--kernels-only"] if args.kernels_only else []
+      subprocess.run([sys.executable, __file__, "--in-process", "--only", kernel, *flags], check=True)
+    return
+  global KERNELS_ONLY
+  KERNELS_ONLY = args.kernels_only
   import jax  # noqa: PLC0415
 
   jax.config.update("jax_platforms", "cpu")
