@@ -15,15 +15,14 @@ For each cache: the full-precision float32 cache generates the reference traject
     relative logit error ‖l̂ − l‖ / ‖l‖ per step, and argmax agreement with E;
   * free-running greedy: tokens until the first divergence from E, and overall agreement.
 Resident cache bytes: `tqjax.cache.nbytes` summed over layers vs a bf16 k+v cache of the same
-capacity. Writes experiments/results/generate_gemma_style.{md,png} (the plot: per-step relative logit
-error, mean over prompts, and cache bytes per configuration).
+capacity. Writes generate_gemma_style.{md,json,png} into --out (see experiments/harness.py; the plot:
+per-step relative logit error, mean over prompts, and cache bytes per configuration).
 
-    python -m experiments.generate_gemma_style
+    python -m experiments.generate_gemma_style   (a few minutes on a 2-core CPU)
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import textwrap
@@ -35,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tqjax import nn as tqnn
+from experiments import harness
 from experiments.minilm_embeddings import describe
+from tqjax import nn as tqnn
 from tqjax.cache import CacheConfig, bits_per_coordinate_kv
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_gemma_style.md"
 ARCH = dict(vocab=1024, num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=2, head_dim=64)
 QK_SCALE = 2.0
 
@@ -77,10 +76,7 @@ def layer0_attention_error(model, ref, prompt, tokens) -> float:
 
 
 def plot(rows: list[dict], bf16_bytes: int, title: str, path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = harness.pyplot()
 
   labels = [r["name"].replace("**recommended** (CacheConfig defaults): ", "recommended: ") for r in rows]
   colors = [f"C{i}" for i in range(len(rows))]
@@ -110,13 +106,14 @@ def plot(rows: list[dict], bf16_bytes: int, title: str, path: Path) -> None:
 
 
 def main(argv=None) -> str:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--steps", type=int, default=256)
   ap.add_argument("--prompt-len", type=int, default=32)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", type=Path, default=RESULTS)
   args = ap.parse_args(argv)
+  out = harness.out_dir(args)
+  st = harness.stamp()
   t0 = time.time()
   d = ARCH["head_dim"]
   prompt = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.prompt_len), 0, ARCH["vocab"],
@@ -171,8 +168,7 @@ def main(argv=None) -> str:
   lines = [
       "# Greedy generation with a compressed KV cache (Gemma-style decoder, random weights)",
       "",
-      f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Device: {dev.platform} "
-      f"({dev.device_kind}), jax {jax.__version__}. Runtime: {elapsed:.0f} s "
+      f"{harness.stamp_line(st)} Runtime: {elapsed:.0f} s "
       f"(`python -m experiments.generate_gemma_style`).",
       "",
       f"Model: `tqjax.nn.GemmaStyleDecoder` ({arch}, mlp 1024, RoPE, tied embeddings), random init with seed "
@@ -203,13 +199,12 @@ def main(argv=None) -> str:
         f"{r['rel_first']:.4f} / {r['rel_last']:.4f} | {r['tf_agree']:.1%} | {r['first_div']} | {r['agree']:.1%} "
         f"| {r['nbytes']:,} | {r['ratio']:.2f}x |")
   table = "\n".join(lines) + "\n"
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(table)
+  md_path, json_path = harness.write(out, "generate_gemma_style", table, dict(stamp=st, args=vars(args), rows=rows))
   print("\n" + "\n".join(lines[-(len(rows) + 2):]))
-  png = args.out.with_suffix(".png")
+  png = out / "generate_gemma_style.png"
   plot(rows, bf16_bytes, f"Greedy generation, Gemma-style decoder (random weights) — {dev.device_kind}, "
        f"{datetime.date.today().isoformat()}", png)
-  print(f"\nwrote {args.out} and {png} ({elapsed:.0f} s)")
+  print(f"\nwrote {md_path}, {json_path} and {png} ({elapsed:.0f} s)")
   return table
 
 

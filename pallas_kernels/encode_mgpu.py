@@ -156,7 +156,7 @@ def encode(
   nw = packing.packed_words(d, bits)
   lead = x.shape[:-1]
   if groups * tokens == 0:
-    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype))
+    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype), config=cfg)
   nblocks = groups * tokens // BT
   ctas = ctas or _sm_count()
   workers = ctas * wgs
@@ -267,7 +267,7 @@ def encode(
       ],
   )
   codes, norms = run(xg.reshape(n, d), p16, mats, mean)
-  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead))
+  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead), config=cfg)
 
 
 def encode_reference(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) -> Code:

@@ -38,6 +38,8 @@ from tqjax import partials as tq_partials
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
+pytestmark = pytest.mark.math
+
 IS_HOPPER = dispatch._is_hopper()
 DEFAULT = M.DecodeTuning()
 

@@ -18,6 +18,8 @@ from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import nn as tqnn  # noqa: E402
 from tqjax.cache import CacheConfig  # noqa: E402
 
+pytestmark = pytest.mark.math
+
 D_IN, N, K, H = 32, 4, 2, 16
 CFG = CacheConfig(head_dim=H)  # the recommended defaults
 
