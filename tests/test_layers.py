@@ -22,7 +22,7 @@ LAYERS = {
     "pallas_kernels": 4,  # every module of the package
     "tqjax.ops": 5,
     "tqjax.compat": 6, "tqjax.dense_cache": 6, "tqjax.search": 6, "tqjax.baselines": 6, "tqjax.synthetic": 6,
-    "tqjax.fidelity": 6,
+    "tqjax.fidelity": 6, "tqjax.sharding": 6,
     "tqjax.nn": 7,
     "tqjax.models": 8,  # every module of the package
     "tqjax.__main__": 9, "tqjax": 9,
