@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_decode import CONFIGS, random_cache, rel_err  # noqa: E402
 from pallas_kernels import decode_mgpu as M  # noqa: E402

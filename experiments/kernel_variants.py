@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_decode import (  # noqa: E402
     CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, pallas_attention,

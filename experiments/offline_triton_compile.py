@@ -21,7 +21,6 @@ import collections
 import functools
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import lowering as triton_lowering
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
 from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
