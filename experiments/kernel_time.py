@@ -1,11 +1,11 @@
 """Kernel-only time of Mosaic GPU decode variants (`pallas_kernels.decode_mgpu`), by Nsight Compute.
 
-  PYTHONPATH=. python experiments/kernel_time.py                       # the defaults, K3/V3 K4/V4 K3prod/V3
-  PYTHONPATH=. python experiments/kernel_time.py --variants '[{}, {"stages": 3}, {"num_splits": 8}]'
-  PYTHONPATH=. python experiments/kernel_time.py --metrics stalls      # + why warps stall (see STALLS)
-  PYTHONPATH=. python experiments/kernel_time.py --check ...           # each variant vs the XLA reference
+  python -m experiments.kernel_time                       # the defaults, K3/V3 K4/V4 K3prod/V3
+  python -m experiments.kernel_time --variants '[{}, {"stages": 3}, {"num_splits": 8}]'
+  python -m experiments.kernel_time --metrics stalls      # + why warps stall (see STALLS)
+  python -m experiments.kernel_time --check ...           # each variant vs the XLA reference
   git show main:pallas_kernels/decode_mgpu.py > /tmp/main.py
-  PYTHONPATH=. python experiments/kernel_time.py --wall --variants '[{"source": "/tmp/main.py"}, {}]'
+  python -m experiments.kernel_time --wall --variants '[{"source": "/tmp/main.py"}, {}]'
 
 A variant is a dict of `decode_mgpu.DecodeTuning` fields (stages, tiles, num_splits, merge_unroll,
 key_chains, edge_masks_only, max_slack), the others at their defaults, and optionally "source":

@@ -2,7 +2,7 @@
 `pallas_kernels.decode_attention_gpu` checked against the XLA oracle and timed against cuDNN bf16
 in one process, at B=8, Hq=32, Hkv=8, D=128, S=32k (the decode benchmark's shape).
 
-  PYTHONPATH=. python experiments/kernel_variants.py [--only NAME,NAME] [--configs K3/V3,K4/V4]
+  python -m experiments.kernel_variants [--only NAME,NAME] [--configs K3/V3,K4/V4]
 
 Prints a table and writes experiments/results/kernel_variants_<device>_<date>.md. The kernel's
 defaults are chosen from these tables.

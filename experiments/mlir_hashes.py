@@ -1,8 +1,8 @@
 """Fingerprints of the fused kernels' lowered MLIR, to show that a change of code layout leaves
 the kernels unchanged.
 
-  PYTHONPATH=. python experiments/mlir_hashes.py                 # every kernel, every config
-  PYTHONPATH=. python experiments/mlir_hashes.py --only decode_mgpu,encode_mgpu
+  python -m experiments.mlir_hashes                 # every kernel, every config
+  python -m experiments.mlir_hashes --only decode_mgpu,encode_mgpu
 
 On CPU, every kernel is lowered for an abstract target (the Mosaic GPU and Triton kernels for an
 abstract H100, `lowering_platforms=("cuda",)`; the TPU kernel with `("tpu",)`) over a fixed set

@@ -11,7 +11,7 @@ ptxas. Uses the `triton` wheel from PyPI (not a project dependency; it bundles p
 not the Triton inside jaxlib, so a config that compiles here can still fail there (or the
 reverse); treat the numbers as estimates. Install it beside the project, e.g.
   python -m venv /tmp/tv && /tmp/tv/bin/pip install triton
-Run: PYTHONPATH=. python experiments/offline_triton_compile.py --triton-python /tmp/tv/bin/python
+Run: python -m experiments.offline_triton_compile --triton-python /tmp/tv/bin/python
 """
 
 from __future__ import annotations
