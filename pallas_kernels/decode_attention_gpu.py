@@ -215,6 +215,9 @@ def tq_decode_kernel(
     seq_len: int,
     dot_dtype: str,
 ):
+  """One split of one (batch, kv head): the online softmax of the query rows over the blocks of
+  block_k slots this split owns, clipped to the blocks that hold attended slots [min lo, max hi);
+  writes the split's unnormalized accumulator, running max and sum."""
   rows_p, head_dim = q_ref.shape
   width = head_dim // LANES
   num_blocks = pl.cdiv(seq_len, block_k)
@@ -397,6 +400,7 @@ def supported(cache) -> tuple[bool, str]:
 
 
 def default_block_k(head_dim: int, seq_len: int) -> int:
+  """Slots per block: 64 up to head_dim 128, else 32, halved (not below 16) while longer than seq_len."""
   bk = 64 if head_dim <= 128 else 32
   while bk > 16 and bk > seq_len:
     bk //= 2

@@ -244,6 +244,9 @@ def tq_encode_kernel(
     num_tokens: int,
     precision: str,
 ):
+  """One program of the encode: its `blocks_per_program` blocks of `block_t` tokens → packed
+  codes, norms (and, prod, QJL signs and residual norms), as `tqjax.cache.encode_tokens`
+  computes them (`encode_reference`)."""
   d = x_ref.shape[-1]
   width = d // LANES
   qjl = signs_ref is not None
