@@ -277,3 +277,17 @@ def test_bits_per_coordinate():
   assert S.bits_per_coordinate(S.IndexConfig(64, 3)) == 3.5
   assert S.bits_per_coordinate(S.IndexConfig(64, 3, metric="l2")) == 4.0
   assert S.bits_per_coordinate(S.IndexConfig(384, 4, scale_dtype="float16"), ids=True) == (4 * 384 + 48) / 384
+
+
+@pytest.mark.parametrize("metric", S.METRICS)
+def test_zero_vector_is_defined(metric):
+  # A zero vector is stored with scale 0: ip/cosine estimate 0 for it; l2 estimates ‖q‖².
+  x, q = _data(n=5)
+  x[2] = 0
+  ix = _index(x, metric=metric)
+  s, i = S.search(ix, q, 5)
+  s, i = np.asarray(s), np.asarray(i)
+  assert np.all(np.isfinite(s))
+  got = s[i == 2]
+  want = np.sum(q.astype(np.float64) ** 2, axis=1) if metric == "l2" else np.zeros(len(q))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
