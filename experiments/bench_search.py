@@ -223,12 +223,14 @@ def faiss_factories(d: int, bits: int, pq: bool = True) -> list[tuple[str, str]]
   return out
 
 
-def run_faiss(base, queries, label: str, factory: str, k: int = 64) -> dict:
+def run_faiss(base, queries, label: str, factory: str, k: int = 64, train_max: int = 10_000) -> dict:
+  """A faiss index: train on at most `train_max` base vectors (a fixed random subset), add all."""
   import faiss
 
   ix = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+  train = base[np.sort(np.random.default_rng(1).permutation(len(base))[:train_max])]
   t = time.perf_counter()
-  ix.train(base)
+  ix.train(train)
   ix.add(base)
   index_s = time.perf_counter() - t
   ix.search(queries[:8], k)
@@ -255,7 +257,7 @@ def distortion_check(base: np.ndarray, bits: int) -> dict:
 
 
 def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, bits_list, estimators, rerank: int,
-                  pq: bool = True) -> dict:
+                  pq: bool = True, report=lambda ds: None) -> dict:
   """All methods on one dataset: ground truth, recalls, bytes, indexing time, queries/s."""
   import faiss
 
@@ -264,6 +266,7 @@ def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, bits_list, e
   (_, gt), flat_s = _timed(lambda: gt_ix.search(queries, 64))
   rows = [dict(method="faiss IndexFlatIP (exact)", bits=32, bytes_per_vector=4.0 * base.shape[1], index_s=0.0,
                qps=len(queries) / flat_s, **recall_at(gt, gt))]
+  ds = dict(name=name, n=len(base), queries=len(queries), d=base.shape[1], rows=rows, distortion=[])
   for bits in bits_list:
     runs = [lambda e=e: run_tqjax(base, queries, bits, e) for e in estimators]
     if rerank:
@@ -277,8 +280,10 @@ def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, bits_list, e
       print(f"  [{name}] {bits}b {r['method']:<34} {r['bytes_per_vector']:7.1f} B  r1@1 {r['r1@1']:.3f} "
             f"r1@16 {r['r1@16']:.3f} r10@10 {r['r10@10']:.3f}  index {r['index_s']:.2f} s  {r['qps']:.0f} q/s",
             flush=True)
-  return dict(name=name, n=len(base), queries=len(queries), d=base.shape[1], rows=rows,
-              distortion=[distortion_check(base[:20000], b) for b in bits_list])
+      report(ds)  # partial results survive an interrupted run
+  ds["distortion"] = [distortion_check(base[:20000], b) for b in bits_list]
+  report(ds)
+  return ds
 
 
 # ----------------------------------------------------------------------------- report
@@ -368,7 +373,7 @@ def main(argv=None):
   ap.add_argument("--queries", type=int, default=1000, help="held-out query sentences")
   ap.add_argument("--embed-minutes", type=float, default=15.0, help="time budget for new embeddings")
   ap.add_argument("--embed-only", action="store_true", help="cache the real embeddings and stop")
-  ap.add_argument("--synthetic", type=int, default=10_000, help="synthetic base size at d=1536/3072 (0: skip)")
+  ap.add_argument("--synthetic", type=int, default=5_000, help="synthetic base size at d=1536/3072 (0: skip)")
   ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT cached embeddings (quick runs)")
   ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
   ap.add_argument("--rerank", type=int, default=100, help="int8 re-rank candidates for the re-rank rows (0: none)")
@@ -380,22 +385,29 @@ def main(argv=None):
   if args.embed_only:
     return
   estimators = ("norm", "unit", "ratio")
-  q, base = emb[: args.queries], emb[args.queries :]
-  datasets = [bench_dataset(f"MiniLM-L6 docstrings (real, d=384)", base, q, args.bits, estimators, args.rerank)]
-  for d in (1536, 3072) if args.synthetic else ():
-    x = synthetic_embeddings(args.synthetic + 200, d)
-    datasets.append(bench_dataset(f"synthetic low-rank+noise (d={d})", x[200:], x[:200], args.bits, estimators,
-                                  args.rerank, pq=False))
-  result = dict(machine=machine(), argv=" ".join(argv if argv is not None else sys.argv[1:]), corpus=info,
-                datasets=datasets)
-  m = result["machine"]
+  argv_s = " ".join(argv if argv is not None else sys.argv[1:])
+  m = machine()
   stem = args.out or RESULTS / f"bench_search_{re.sub(r'[^A-Za-z0-9]+', '_', m['cpu']).strip('_')}_{m['date'][:10]}"
   stem.parent.mkdir(parents=True, exist_ok=True)
-  Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
-  Path(f"{stem}.md").write_text(markdown(result))
-  plot(result, Path(f"{stem}.png"))
-  print(markdown(result))
-  print(f"wrote {stem}.md/.json/.png")
+  done: list[dict] = []
+
+  def report(ds: dict, final: bool = False) -> None:
+    result = dict(machine=machine(), argv=argv_s, corpus=info, datasets=[*done, ds] if ds else done)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    Path(f"{stem}.md").write_text(markdown(result))
+    if final:
+      plot(result, Path(f"{stem}.png"))
+      print(markdown(result))
+      print(f"wrote {stem}.md/.json/.png")
+
+  q, base = emb[: args.queries], emb[args.queries :]
+  done.append(bench_dataset("MiniLM-L6 docstrings (real, d=384)", base, q, args.bits, estimators, args.rerank,
+                            report=report))
+  for d in (1536, 3072) if args.synthetic else ():
+    x = synthetic_embeddings(args.synthetic + 200, d)
+    done.append(bench_dataset(f"synthetic low-rank+noise (d={d})", x[200:], x[:200], args.bits, estimators,
+                              args.rerank, pq=False, report=report))
+  report(None, final=True)
 
 
 if __name__ == "__main__":
