@@ -11,7 +11,7 @@ ptxas. Uses the `triton` wheel from PyPI (not a project dependency; it bundles p
 not the Triton inside jaxlib, so a config that compiles here can still fail there (or the
 reverse); treat the numbers as estimates. Install it beside the project, e.g.
   python -m venv /tmp/tv && /tmp/tv/bin/pip install triton
-Run: PYTHONPATH=. python experiments/offline_triton_compile.py --triton-python /tmp/tv/bin/python
+Run: python -m experiments.offline_triton_compile --triton-python /tmp/tv/bin/python
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import collections
 import functools
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,11 +29,11 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import lowering as triton_lowering
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
 from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import quantizer  # noqa: E402
 
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
@@ -57,7 +56,6 @@ DECODE_CASES = {  # name: (k bits, v bits, k variant, kernel options); B=8, Hq=3
     "decode K3/V3 bf16 dots": (3, 3, "mse", dict(dot_dtype="bfloat16")),
     "decode K4/V4 tf32": (4, 4, "mse", {}),
     "decode K3prod/V3 tf32": (3, 3, "prod", {}),
-    "decode K3/V3 load_only": (3, 3, "mse", dict(variant="load_only")),
 }
 
 _COMPILE = r"""
@@ -121,7 +119,7 @@ def decode_ir(name: str) -> tuple[str, int, int, int]:
   cfg = C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, k_variant=variant)
   cache = jax.eval_shape(lambda: C.init_cache(cfg, 8, 8, 32768))
   q = jax.ShapeDtypeStruct((8, 32, 128), jnp.float32)
-  fn = lambda c, q: C.chunked_attention(
+  fn = lambda c, q: tq_ops.chunked_attention(
       c, q[:, :, None], partial_fn=lambda *a: decode_attention_gpu.decode_partial(*a, **opts))
   block_k = opts.get("block_k") or decode_attention_gpu.default_block_k(128, 32768)
   return _capture_ir(fn, cache, q), opts.get("num_warps") or 4, opts.get("num_stages") or 2, 2 * block_k * 128, 1

@@ -12,8 +12,6 @@ non-zero (an AssertionError) on the first difference; prints one line per check.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +19,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tqjax  # noqa: E402
 from flax import nnx  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
+from kernel_paths import pallas_attention
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import nn as tnn  # noqa: E402
 
 DEVICES = 4
@@ -89,10 +88,10 @@ def check_cache(mesh, r, cfg: C.CacheConfig) -> None:
   name = f"K{cfg.k_bits}{cfg.k_variant}/V{cfg.v_bits} outliers {cfg.outlier_channels} window {cfg.window}"
 
   def step(cache, k, v, lengths, k1, v1, q):  # the XLA paths
-    cache = C.append(C.prefill(cache, k, v, lengths), k1, v1)
-    return cache, C.attention(cache, q, implementation="xla", soft_cap=30.0)
+    cache = C.append(tq_ops.prefill(cache, k, v, lengths), k1, v1)
+    return cache, tq_ops.attention(cache, q, implementation="xla", soft_cap=30.0)
 
-  kernel = lambda cache, q: dispatch.attention(cache, q, soft_cap=30.0, interpret=True)
+  kernel = lambda cache, q: pallas_attention(cache, q, soft_cap=30.0, interpret=True)
   want = jax.jit(step)(empty, k, v, lengths, k1, v1, q)
   kernel_runs = dispatch.supports(empty, "gpu")[0]
   if kernel_runs:
@@ -114,9 +113,9 @@ def check_flax(mesh, r, cfg: C.CacheConfig) -> None:
   """The Flax NNX layer, data-parallel: prefill (ragged lengths) then a decode step under jit, its
   parameters replicated and its cache (`partition_specs`) and inputs sharded over the batch."""
   b, t, f = 8, 12, 128
-  layer = tnn.TurboQuantAttention(f, 4, 2, cfg.head_dim, cache_config=cfg, use_rope=True, soft_cap=30.0,
+  layer = tnn.TurboQuantAttention(f, 4, 2, cfg.head_dim, cache_config=cfg, rope_base=1e4, soft_cap=30.0,
                                   rngs=nnx.Rngs(0))
-  layer.init_cache(batch_size=b, max_length=32)
+  layer.init_cache(batch_size=b, capacity=32)
   x = jnp.asarray(r.standard_normal((b, t, f)), jnp.float32)
   x1 = jnp.asarray(r.standard_normal((b, 1, f)), jnp.float32)
   lengths = jnp.asarray(r.integers(1, t + 1, b), jnp.int32)
