@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
       "Bytes per vector count everything the scan reads per vector (codes, norms/scales, RaBitQ factors); "
       "ids are implicit for faiss and not counted for tqjax either (+4 B int32 each when stored). The int8 "
       "re-rank rows also hold an int8 copy of the vector (d + 4 B), read only for the re-ranked candidates. "
-      "Indexing = faiss train + add, tqjax `add` (its one-off jit compile in the JSON). Queries/s: all queries "
+      "Indexing = faiss train (on at most 10,000 base vectors) + add, tqjax `add` (its one-off jit compile in the JSON). Queries/s: all queries "
       "in one batch, k = 64, same process and cores for every method. recall@1@k: the exact nearest neighbour "
       "(IndexFlatIP) is among the k returned; recall@10@10: overlap of the 10 returned with the true 10.", "",
   ]

@@ -16,7 +16,7 @@ first; ‖x‖ is stored exactly beside the scale, one more float per vector).
 
 Search streams the codes in blocks of `block_size` slots: per block it unpacks codes to centroids
 [block, d], scores every query against them with one matmul and keeps a running top-k of
-(score, slot), so memory is O(queries·(k + block)), never O(queries·size). Rotations are paid
+(score, slot), so memory is O(T·(k + block)), never O(T·S). Rotations are paid
 per query. An optional re-rank store (the vectors in int8 with a per-vector scale, bfloat16 or
 float32) rescores the best `rerank` candidates exactly.
 
@@ -31,8 +31,8 @@ returned, and a non-finite query row returns ids −1 with NaN scores.
 Removal marks slots dead (id −1); `compact` drops them eagerly. Ids are int32 ≥ 0, chosen by the
 caller or consecutive from the current size; duplicates are allowed (both are returned).
 
-Shapes: Q queries, C capacity (slots), W packed words per vector, d dim, k results, R re-rank
-candidates.
+Shapes (the project's letters where they apply): T queries, S slots (the capacity), d the vector
+dim, k results, R re-rank candidates.
 """
 
 from __future__ import annotations
@@ -134,12 +134,12 @@ class IndexConfig:
 class Index:
   """A compressed vector index; build with `init_index`, fill with `add`.
 
-  codes:        uint32 [C, W] packed codebook indices of the rotated unit directions.
-  scales:       [C] the estimator's scale s (scale_dtype).
-  norms:        [C] ‖x‖ (scale_dtype), metric "l2" only, else None.
-  ids:          int32 [C] caller ids; −1 marks an empty, removed or non-finite slot.
-  store:        [C, d] re-rank copy (int8, bfloat16 or float32) or None.
-  store_scales: float32 [C] per-vector int8 scale (int8 store only), else None.
+  codes:        uint32 [S, words] packed codebook indices of the rotated unit directions.
+  scales:       [S] the estimator's scale s (scale_dtype).
+  norms:        [S] ‖x‖ (scale_dtype), metric "l2" only, else None.
+  ids:          int32 [S] caller ids; −1 marks an empty, removed or non-finite slot.
+  store:        [S, d] re-rank copy (int8, bfloat16 or float32) or None.
+  store_scales: float32 [S] per-vector int8 scale (int8 store only), else None.
   size:         int32 [] slots used so far (removed slots included until `compact`).
   """
 
@@ -243,7 +243,7 @@ def live_count(index: Index) -> jax.Array:
 
 
 def _encode_rows(index: Index, x: jax.Array) -> dict:
-  """Per-row arrays of x [n, d]: codes [n, W], scales [n], norms [n] | None, store, finite [n]."""
+  """Per-row arrays of x [n, d]: codes [n, words], scales [n], norms [n] | None, store, finite [n]."""
   cfg, tq = index.config, index.quantizer
   x = x.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(x), axis=-1)
@@ -355,7 +355,7 @@ def compact(index: Index) -> Index:
 
 
 def _prepare_queries(index: Index, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(Π·q [Q, d] float32, ‖q‖² [Q]) with q normalized first for cosine."""
+  """(Π·q [T, d] float32, ‖q‖² [T]) with q normalized first for cosine."""
   q = q.astype(jnp.float32)
   if index.config.metric == "cosine":
     n = jnp.linalg.norm(q, axis=-1, keepdims=True)
@@ -364,9 +364,9 @@ def _prepare_queries(index: Index, q: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _slot_scores(index: Index, q_rot, q_sq, codes, scales, norms) -> jax.Array:
-  """Estimated scores [Q, B] of one block (larger is better: −‖q − x‖² for l2)."""
-  y_hat = codebook_direction(index.quantizer, codes)  # [B, d]
-  ip = jnp.einsum("qd,bd->qb", q_rot, y_hat, precision=_HIGHEST) * scales.astype(jnp.float32)[None]
+  """Estimated scores [T, block] of one block (larger is better: −‖q − x‖² for l2)."""
+  y_hat = codebook_direction(index.quantizer, codes)  # [block, d]
+  ip = jnp.einsum("td,sd->ts", q_rot, y_hat, precision=_HIGHEST) * scales.astype(jnp.float32)[None]
   if index.config.metric == "l2":
     n = norms.astype(jnp.float32)
     return 2 * ip - q_sq[:, None] - (n * n)[None]
@@ -374,18 +374,18 @@ def _slot_scores(index: Index, q_rot, q_sq, codes, scales, norms) -> jax.Array:
 
 
 def _exact_scores(index: Index, q, q_sq, slots) -> jax.Array:
-  """Scores [Q, R] of candidate slots [Q, R] from the re-rank store (larger is better)."""
-  x = index.store[slots].astype(jnp.float32)  # [Q, R, d]
+  """Scores [T, R] of candidate slots [T, R] from the re-rank store (larger is better)."""
+  x = index.store[slots].astype(jnp.float32)  # [T, R, d]
   if index.store_scales is not None:
     x = x * index.store_scales[slots][..., None]
-  ip = jnp.einsum("qd,qrd->qr", q, x, precision=_HIGHEST)
+  ip = jnp.einsum("td,trd->tr", q, x, precision=_HIGHEST)
   if index.config.metric == "l2":
     return 2 * ip - q_sq[:, None] - jnp.sum(x * x, axis=-1)
   return ip
 
 
 def _scan_topk(index: Index, q_rot, q_sq, k: int, block: int, slot_offset, size) -> tuple[jax.Array, jax.Array]:
-  """Running top-k over all slots: (scores [Q, k], slots [Q, k]; −inf / −1 where fewer exist)."""
+  """Running top-k over all slots: (scores [T, k], slots [T, k]; −inf / −1 where fewer exist)."""
   c = index.capacity
   block = min(block, c)
   nblocks = -(-c // block)
@@ -411,7 +411,7 @@ def _scan_topk(index: Index, q_rot, q_sq, k: int, block: int, slot_offset, size)
 
 def _candidates(index: Index, q, width: int, rerank: bool, block: int, slot_offset, size):
   """The `width` best slots by the codes: (code scores, exact scores or the code scores again
-  without re-rank, ids), each [Q, width], larger is better, −inf / −1 where fewer exist."""
+  without re-rank, ids), each [T, width], larger is better, −inf / −1 where fewer exist."""
   q_rot, q_sq = _prepare_queries(index, q)
   code_s, slot = _scan_topk(index, q_rot, q_sq, width, block, slot_offset, size)
   score = code_s
@@ -424,7 +424,7 @@ def _candidates(index: Index, q, width: int, rerank: bool, block: int, slot_offs
 
 
 def _best(score, ids, k: int):
-  """Top-k of [Q, W] scores with their ids."""
+  """Top-k of [T, width] scores with their ids."""
   top, pos = jax.lax.top_k(score, k)
   return top, jnp.take_along_axis(ids, pos, axis=1)
 
@@ -468,9 +468,9 @@ def _check_search(index: Index, queries, k, rerank, block_size) -> jax.Array:
 
 def search(index: Index, queries: jax.Array, k: int, *, rerank: int | None = None,
            block_size: int = 4096) -> tuple[jax.Array, jax.Array]:
-  """The k best vectors for each query: (scores [Q, k] float32, ids [Q, k] int32).
+  """The k best vectors for each query: (scores [T, k] float32, ids [T, k] int32).
 
-  queries [Q, d] float. Order: largest score first for "ip"/"cosine", smallest squared distance
+  queries [T, d] float. Order: largest score first for "ip"/"cosine", smallest squared distance
   first for "l2". rerank=R ≥ k: take the R best by the codes, re-score them exactly from the
   re-rank store, return the k best of those. Under jit, with fewer than k live vectors the
   missing results have id −1 and score −inf (+inf for l2).
@@ -528,7 +528,7 @@ def sharded_search(index: Index, queries: jax.Array, k: int, mesh: jax.sharding.
     # best by the codes among all devices' are then exactly the single-device candidates.
     offset = jax.lax.axis_index(axis) * ix.capacity
     parts = _candidates(ix, q, local_width, bool(rerank), block_size, offset, ix.size)
-    code_s, score, ids = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in parts)  # [Q, n·local_width]
+    code_s, score, ids = (jax.lax.all_gather(a, axis, axis=1, tiled=True) for a in parts)  # [T, n·local_width]
     if rerank:
       _, pos = jax.lax.top_k(code_s, width)
       score, ids = (jnp.take_along_axis(a, pos, axis=1) for a in (score, ids))
