@@ -20,16 +20,16 @@ and recall@10@10, at 2, 3, 4 bits; indexing time (tqjax `add` vs faiss train + a
 this CPU; the distortion cross-check of tqjax codes vs SQtqmse; against RaBitQ, what a short
 exact re-rank buys. GPU queries/s are not measured here (no GPU on the benchmark machine).
 
-    python -m experiments.bench_search [--num 100000] [--queries 1000] [--synthetic 20000]
+    python -m experiments.bench_search [--num 101000] [--queries 1000] [--synthetic 5000] [--update-results]
 
-Runtime: embedding is the long part, about 250 sentences/s on 2 CPU cores (100k sentences: ~7
-min, once; cached afterwards); the search comparison takes about 5–15 minutes at the defaults.
+Runtime: embedding is the long part: MiniLM ran 20–30 sentences/s on 2 busy CPU cores (up to
+~300/s when idle); new embeddings stop after --embed-minutes (cached chunks are reused). The
+comparison took 36 minutes on 2 shared cores at the defaults, most of it IndexPQ training.
 `--embed-only` stops after caching the embeddings.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime
 import hashlib
@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from experiments import harness
+
 CACHE = Path.home() / ".cache" / "tqjax"
 # Packages whose docstrings feed the sentence corpus, after the standard library (fixed order).
 PACKAGES = ("numpy", "scipy", "jax", "flax", "matplotlib", "pip", "IPython", "optax", "orbax", "pygments",
@@ -290,30 +291,19 @@ def bench_dataset(name: str, base: np.ndarray, queries: np.ndarray, bits_list, e
 
 
 def machine() -> dict:
-  cpu = "unknown CPU"
-  try:
-    cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  """`harness.stamp()` plus the faiss version and the load average (the CPU is shared)."""
   import os
 
   import faiss
-  import jax
 
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-  except OSError:
-    commit = "?"
-  return dict(cpu=cpu, cores=os.cpu_count(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              commit=commit, jax=jax.__version__, faiss=faiss.__version__, load=os.getloadavg()[0])
+  return dict(harness.stamp(), faiss=faiss.__version__, load=os.getloadavg()[0])
 
 
 def markdown(result: dict) -> str:
   m = result["machine"]
   lines = [
       "# Nearest-neighbour search: tqjax.search vs faiss (CPU)", "",
-      f"{m['date']}, {m['cpu']} ({m['cores']} cores, shared: load average {m['load']:.1f} at the end), "
+      f"{m['date']}, {m['device']} (shared: load average {m['load']:.1f} at the end), "
       f"commit {m['commit']}, jax {m['jax']}, faiss-cpu {m['faiss']}. "
       f"`python -m experiments.bench_search {result['argv']}`.", "",
       "Bytes per vector count everything the scan reads per vector (codes, norms/scales, RaBitQ factors); "
@@ -341,11 +331,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = harness.pyplot()
   sets = result["datasets"]
   bits_list = sorted({r["bits"] for r in sets[0]["rows"] if r["bits"] != 32})
   fig, axes = plt.subplots(len(sets), len(bits_list), figsize=(5 * len(bits_list), 4 * len(sets)), squeeze=False)
@@ -360,15 +346,14 @@ def plot(result: dict, path: Path) -> None:
       ax.grid(alpha=0.3)
       ax.legend(fontsize=6, loc="lower right")
   m = result["machine"]
-  fig.suptitle(f"tqjax.search vs faiss-cpu {m['faiss']}: {m['cpu']}, {m['date']}, commit {m['commit']}", fontsize=9)
+  fig.suptitle(f"tqjax.search vs faiss-cpu {m['faiss']}: {m['device']}, {m['date']}, commit {m['commit']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = harness.parser(__doc__)
   ap.add_argument("--num", type=int, default=101_000, help="real sentences asked for (base + queries)")
   ap.add_argument("--queries", type=int, default=1000, help="held-out query sentences")
   ap.add_argument("--embed-minutes", type=float, default=15.0, help="time budget for new embeddings")
@@ -377,7 +362,6 @@ def main(argv=None):
   ap.add_argument("--limit", type=int, default=None, help="use only the first LIMIT cached embeddings (quick runs)")
   ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
   ap.add_argument("--rerank", type=int, default=100, help="int8 re-rank candidates for the re-rank rows (0: none)")
-  ap.add_argument("--out", type=Path, default=None, help="results stem (default experiments/results/bench_search_<cpu>_<date>)")
   args = ap.parse_args(argv)
   emb, texts, info = real_embeddings(args.num, args.embed_minutes)
   emb = emb[: args.limit]
@@ -387,8 +371,8 @@ def main(argv=None):
   estimators = ("norm", "unit", "ratio")
   argv_s = " ".join(argv if argv is not None else sys.argv[1:])
   m = machine()
-  stem = args.out or RESULTS / f"bench_search_{re.sub(r'[^A-Za-z0-9]+', '_', m['cpu']).strip('_')}_{m['date'][:10]}"
-  stem.parent.mkdir(parents=True, exist_ok=True)
+  cpu = re.sub(r"[^A-Za-z0-9]+", "_", m["device"].split("(")[0].removeprefix("CPU ")).strip("_")
+  stem = harness.out_dir(args) / f"bench_search_{cpu}_{m['date'][:10]}"
   done: list[dict] = []
 
   def report(ds: dict, final: bool = False) -> None:
