@@ -174,12 +174,13 @@ class Decoder(nnx.Module):
       f = _rms(f, w["post_ffn_norm"], cfg.norm_eps)
     return x + f, cache
 
-  def __call__(self, tokens, caches: list, num_new=None, *, fresh: bool = False):
+  def __call__(self, tokens, caches: list, num_new=None, *, fresh: bool = False, last_only: bool = False):
     """tokens [B, T] int32 → (logits [B, T, V] float32, caches).
 
     caches: one per pattern position, each stacked over its layers (`init_caches`).
     fresh: start every sequence afresh (prefill; position 0), else append at the caches' lengths.
     num_new [B]: real tokens per row (right padding), default T.
+    last_only: logits [B, 1, V] of each row's last real token only (sampling, passkey).
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -198,14 +199,16 @@ class Decoder(nnx.Module):
       return x, new
 
     x, caches = jax.lax.scan(body, x, (weights, list(caches)))
+    if last_only:
+      x = jnp.take_along_axis(x, (num_new - 1)[:, None, None], axis=1)
     logits = _mm(_rms(x, self.final_norm[...], cfg.norm_eps), self.embed[...])
     if cfg.final_soft_cap:
       logits = jnp.float32(cfg.final_soft_cap) * jnp.tanh(logits / jnp.float32(cfg.final_soft_cap))
     return logits, caches
 
 
-step = nnx.jit(Decoder.__call__, static_argnames=("fresh",))
-step.__doc__ = "Jitted `Decoder.__call__(model, tokens, caches, num_new, fresh=...)`."
+step = nnx.jit(Decoder.__call__, static_argnames=("fresh", "last_only"))
+step.__doc__ = "Jitted `Decoder.__call__(model, tokens, caches, num_new, fresh=..., last_only=...)`."
 
 
 def init_caches(cfg: DecoderConfig, batch_size: int, capacity: int, cache_config: CacheConfig | None = None, *,
@@ -249,8 +252,8 @@ def generate(model: Decoder, prompts: list[list[int]], max_new: int, cache_confi
     tokens[i, : len(p)] = p
   lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
   caches = init_caches(cfg, b, t + max_new, cache_config)
-  logits, caches = step(model, jnp.asarray(tokens), caches, lengths, fresh=True)
-  last = logits[jnp.arange(b), lengths - 1]
+  logits, caches = step(model, jnp.asarray(tokens), caches, lengths, fresh=True, last_only=True)
+  last = logits[:, 0]
   key = jax.random.key(seed)
   out, done = [], np.zeros(b, bool)
   for _ in range(max_new):

@@ -34,8 +34,8 @@ def _gelu_tanh(x):
   return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x**3)))
 
 
-def forward(cfg: DecoderConfig, w: Weights, tokens) -> np.ndarray:
-  """tokens [T] int → next-token logits [T, V] float32."""
+def forward(cfg: DecoderConfig, w: Weights, tokens, positions=None) -> np.ndarray:
+  """tokens [T] int → next-token logits [T, V] float32 (only at `positions` [P] when given)."""
   tokens = np.asarray(tokens)
   t = tokens.shape[0]
   x = w.embed[tokens] * np.float32(cfg.embed_scale)
@@ -71,6 +71,8 @@ def forward(cfg: DecoderConfig, w: Weights, tokens) -> np.ndarray:
     if cfg.post_norms:
       f = _rms(f, lw.post_ffn_norm, cfg.norm_eps)
     x = x + f
+  if positions is not None:
+    x = x[np.asarray(positions)]
   logits = _rms(x, w.final_norm, cfg.norm_eps) @ w.embed.T
   if cfg.final_soft_cap:
     logits = cfg.final_soft_cap * np.tanh(logits / cfg.final_soft_cap)
