@@ -54,7 +54,10 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 def _git_commit() -> str:
   try:
-    return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
+    here = Path(__file__).parent
+    head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
+    dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, text=True).strip()
+    return head + ("+dirty" if dirty else "")
   except Exception:  # noqa: BLE001 - not a checkout
     return "unknown"
 
