@@ -44,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALL_BYTES = 3e9  # bf16 K/V bytes of the baselines behind one jitted call (see Timing above)
@@ -54,6 +55,14 @@ CALL_BYTES = 3e9  # bf16 K/V bytes of the baselines behind one jitted call (see 
 
 PIPELINE = 0  # --pipelined N: time N jitted calls dispatched back to back per sample
 
+
+
+
+def pallas_attention(cache, q, *, soft_cap=None, sliding_window=None, **kernel_options):
+  """`tqjax.ops.attention` of q [B, N, H] through the fused kernel `dispatch.decode_partial_fn`
+  picks (kernel options select the Triton kernel)."""
+  fn = dispatch.decode_partial_fn(cache, q.shape[1] // cache.num_kv_heads, **kernel_options)
+  return tq_ops.attention(cache, q, soft_cap=soft_cap, sliding_window=sliding_window, partial_fn=fn)
 
 def bench(fn, sets, *, reps: int, warmup: int = 3) -> float:
   """Median µs per call of fn over input sets (one jitted call runs them all, each set's inputs
@@ -191,11 +200,11 @@ def check_case(c: dict, seed: int, **options) -> tuple[float, bool]:
   k = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])) + 0.3, jnp.float32)
   v = jnp.asarray(r.standard_normal((b, kh, c["s"], c["d"])), jnp.float32)
   lengths = jnp.asarray([c["s"], c["s"] // 3 + 1, 1], jnp.int32)
-  cache = C.prefill(C.init_cache(cfg, b, kh, c["s"]), k, v, lengths)
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, c["s"]), k, v, lengths)
   q = jnp.asarray(r.standard_normal((b, kh * c["g"], c["d"])) * 2, jnp.float32)
   kw = dict(soft_cap=c.get("cap"), sliding_window=c.get("win"))
-  ref = jax.jit(lambda cache, q: C.attention(cache, q, implementation="xla", **kw))(cache, q)
-  got = np.asarray(jax.jit(lambda cache, q: dispatch.attention(cache, q, **kw, **options))(cache, q))
+  ref = jax.jit(lambda cache, q: tq_ops.attention(cache, q, implementation="xla", **kw))(cache, q)
+  got = np.asarray(jax.jit(lambda cache, q: pallas_attention(cache, q, **kw, **options))(cache, q))
   return rel_err(got, ref), bool(np.isnan(got).any())
 
 
@@ -404,7 +413,7 @@ def main(argv=None):
       cfg = C.CacheConfig(head_dim=d, **opts)
       caches = [random_cache(cfg, b, kh, s, seed=1000 * i + s) for i in range(nbuf)]
       nbytes = cache_read_bytes(caches[0])
-      xla = lambda cache, q: C.attention(cache, q, implementation="xla")
+      xla = lambda cache, q: tq_ops.attention(cache, q, implementation="xla")
       if (s <= 32768 or args.quick) and not args.headline:
         add(f"ours xla {cname}", bench(xla, list(zip(cycle(caches), qs)), reps=max(3, reps // 3)), nbytes)
       if use_kernel:
@@ -413,12 +422,12 @@ def main(argv=None):
         # The default kernel (Mosaic GPU on Hopper where it applies, else Triton tf32 dots), and the
         # Triton kernel with bf16 dots (kernel options always select Triton).
         kernel = "mosaic" if dispatch._mosaic_decode(caches[0], hq // kh) else "triton"
-        pal = lambda cache, q: dispatch.attention(cache, q)
+        pal = lambda cache, q: pallas_attention(cache, q)
         ref = np.asarray(jax.jit(xla)(caches[0], qs[0]))
         err = rel_err(jax.jit(pal)(caches[0], qs[0]), ref)
         add(f"ours pallas {kernel} {cname}", bench(pal, list(zip(cycle(caches), qs)), reps=reps), nbytes, err)
         if not args.headline:
-          pal16 = lambda cache, q: dispatch.attention(cache, q, dot_dtype="bfloat16")
+          pal16 = lambda cache, q: pallas_attention(cache, q, dot_dtype="bfloat16")
           err = rel_err(jax.jit(pal16)(caches[0], qs[0]), ref)
           add(f"ours pallas triton bf16-dots {cname}", bench(pal16, list(zip(cycle(caches), qs)), reps=reps),
               nbytes, err)

@@ -25,10 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import bench_decode  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import codebook, packing, quantizer, rotation  # noqa: E402
 from pallas_kernels import dispatch, encode_gpu, encode_mgpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+
+def pallas_prefill(cache, k, v, **kernel_options):
+  """`tqjax.cache.prefill_with_encoder` with the fused encoder `dispatch.prefill_encoder` picks."""
+  return C.prefill_with_encoder(cache, k, v, encoder=dispatch.prefill_encoder(cache, (k.dtype, v.dtype), **kernel_options))
 
 
 def main(argv=None) -> None:
@@ -62,20 +69,20 @@ def main(argv=None) -> None:
     cfg = C.CacheConfig(head_dim=d, k_bits=bits, v_bits=bits)
     empty = C.init_cache(cfg, b, kh, t)
     row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), xla",
-        lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
+        lambda c, k, v: tq_ops.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
     row(f"prefill K{bits}/V{bits} (encode K and V, write the cache), pallas{tag}",
-        lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret), [(empty, kk, vv)])
+        lambda c, k, v: pallas_prefill(c, k, v, interpret=interpret), [(empty, kk, vv)])
     # The rows above write into a cache passed in (not donated: XLA copies it); a prefill that
     # starts the cache in the same call writes the codes straight into the new buffers.
     row(f"prefill K{bits}/V{bits} into a cache made in the same call, pallas{tag}",
-        lambda k, v, cfg=cfg: dispatch.prefill(C.init_cache(cfg, b, kh, t), k, v, interpret=interpret), [(kk, vv)])
+        lambda k, v, cfg=cfg: pallas_prefill(C.init_cache(cfg, b, kh, t), k, v, interpret=interpret), [(kk, vv)])
     if not interpret:  # kernel options select the Triton kernel (the default above is Mosaic GPU on Hopper)
       row(f"prefill K{bits}/V{bits}, pallas with the Triton encode",
-          lambda c, k, v: dispatch.prefill(c, k, v, num_warps=4), [(empty, kk, vv)])
+          lambda c, k, v: pallas_prefill(c, k, v, num_warps=4), [(empty, kk, vv)])
   cfg = C.CacheConfig(head_dim=d, k_bits=3, v_bits=3, k_variant="prod")
   empty = C.init_cache(cfg, b, kh, t)
-  row("prefill K3 prod/V3, xla", lambda c, k, v: C.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
-  row(f"prefill K3 prod/V3, pallas{tag}", lambda c, k, v: dispatch.prefill(c, k, v, interpret=interpret),
+  row("prefill K3 prod/V3, xla", lambda c, k, v: tq_ops.prefill(c, k, v, implementation="xla"), [(empty, kk, vv)])
+  row(f"prefill K3 prod/V3, pallas{tag}", lambda c, k, v: pallas_prefill(c, k, v, interpret=interpret),
       [(empty, kk, vv)])
   tq = quantizer.make_quantizer(d, 3, "mse", norm_correction=True, norm_dtype="float16")
   row("encode K alone, 3-bit mse+nc, xla", lambda x: quantizer.encode(tq, x), [(kk,)])

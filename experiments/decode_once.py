@@ -18,12 +18,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_decode import CONFIGS, random_cache  # noqa: E402
-from pallas_kernels import dispatch  # noqa: E402
+from experiments.bench_decode import CONFIGS, random_cache, pallas_attention  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 
 if len(sys.argv) != 2 or sys.argv[1] not in CONFIGS:
   sys.exit(f"usage: decode_once.py CONFIG, CONFIG one of {sorted(CONFIGS)}")
 cache = random_cache(C.CacheConfig(head_dim=128, **CONFIGS[sys.argv[1]]), 8, 8, 32768, seed=0)
 q = jax.random.normal(jax.random.key(0), (8, 32, 128), jnp.float32)
-jax.block_until_ready(jax.jit(lambda c, q: dispatch.attention(c, q))(cache, q))
+jax.block_until_ready(jax.jit(lambda c, q: pallas_attention(c, q))(cache, q))

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_decode import CONFIGS, check_case, config_case, random_cache  # noqa: E402
+from experiments.bench_decode import CONFIGS, check_case, config_case, random_cache, pallas_attention  # noqa: E402
 import pallas_kernels  # noqa: E402
 from pallas_kernels import decode_mgpu as M  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
@@ -122,7 +122,7 @@ def child(args, variants: list[dict]) -> None:
   caches = {c: random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
             for c in args.configs}
   q = jax.random.normal(jax.random.key(0), (b, hq, args.head_dim), jnp.float32)
-  f = jax.jit(lambda cache, q: dispatch.attention(cache, q))
+  f = jax.jit(lambda cache, q: pallas_attention(cache, q))
   current = None
   for i, c in order(variants, args.configs, args.reps):
     if i != current:
@@ -145,7 +145,7 @@ def wall(args, variants: list[dict]) -> dict:
   for c in args.configs:
     cache = random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
     qs = [jax.random.normal(jax.random.key(i), (b, hq, args.head_dim), jnp.float32) for i in range(WALL_CALLS)]
-    calls = lambda cache, qs: [dispatch.attention(cache, jax.lax.optimization_barrier(q)) for q in qs]
+    calls = lambda cache, qs: [pallas_attention(cache, jax.lax.optimization_barrier(q)) for q in qs]
     compiled = []
     for variant in variants:
       apply(variant)

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_decode import (  # noqa: E402
-    CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, random_cache)
-from pallas_kernels import dispatch  # noqa: E402
+    CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, pallas_attention,
+    random_cache)
 from tqjax import cache as C  # noqa: E402
+from tqjax import partials as tq_partials  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,14 +66,14 @@ def main(argv=None) -> None:
     caches = [random_cache(cfg, b, kh, s, seed=i) for i in range(2)]
     qs = [jax.random.normal(jax.random.key(i), (b, hq, d), jnp.float32) for i in range(2)]
     opts = VARIANTS[names[0]]
-    full = jax.jit(lambda c, q: dispatch.attention(c, q, **opts))
+    full = jax.jit(lambda c, q: pallas_attention(c, q, **opts))
     Path(args.hlo).write_text(full.lower(caches[0], qs[0]).compile().as_text())
     from pallas_kernels import decode_attention_gpu as K  # noqa: PLC0415
 
     def kernel_only(c, q):
       qg = q.reshape(b, kh, hq // kh, 1, d)
-      pq = C.prepare_query(c, qg, 1.0 / math.sqrt(d))
-      lo, hi = C.query_ranges(c, 1, None)
+      pq = tq_partials.prepare_query(c, qg, 1.0 / math.sqrt(d))
+      lo, hi = tq_partials.query_ranges(c, 1, None)
       return K.decode_partial(c, pq, lo, hi, **{k: v for k, v in opts.items()})
 
     for label, fn in (("full attention", full), ("decode_partial", kernel_only)):
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
       cache = random_cache(C.CacheConfig(head_dim=d, **CONFIGS[cname]), b, kh, s, seed=0)
       q = jax.random.normal(jax.random.key(0), (b, hq, d), jnp.float32)
       for name in names:
-        jax.block_until_ready(jax.jit(lambda c, q, o=VARIANTS[name]: dispatch.attention(c, q, **o))(cache, q))
+        jax.block_until_ready(jax.jit(lambda c, q, o=VARIANTS[name]: pallas_attention(c, q, **o))(cache, q))
         print(f"ran {cname} {name}", flush=True)
     return
   copy_us, copy_tbs = copy_bandwidth(2048 * 2**20, args.reps)
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
       opts = VARIANTS[name]
       try:
         err = check(cname, opts) if "variant" not in opts else None
-        us = bench(lambda c, q, o=opts: dispatch.attention(c, q, **o), list(zip(caches, qs)), reps=args.reps)
+        us = bench(lambda c, q, o=opts: pallas_attention(c, q, **o), list(zip(caches, qs)), reps=args.reps)
       except Exception as e:  # noqa: BLE001 — a variant that fails to compile is a result too
         print(f"{cname} {name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
         continue

@@ -9,7 +9,7 @@ Two data sets:
 
 Each row quantizes K and V; queries stay float32. tqjax rows go through the cache: prefill all
 tokens, logits from `tqjax.cache.scores` (query tokens folded into the query-head axis, GQA
-style: q [B, H·T, D] against K = H kv heads), outputs from `tqjax.cache.chunked_attention(...,
+style: q [B, H·T, D] against K = H kv heads), outputs from `tqjax.ops.chunked_attention(...,
 causal=False)`, so values are only ever consumed by the cache's own attention path. Baselines
 are dequantized and attended densely.
 
@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 from experiments import baselines  # noqa: E402
 from experiments.synthetic import decoder_like_kv  # noqa: E402
 from tqjax import cache as tqc  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "minilm_l6_qkv.npz"
 RESULTS = ROOT / "experiments" / "results"
@@ -197,11 +198,11 @@ def tqjax_configs(head_dim: int):
 @jax.jit
 def _tq_forward(cache0, q, k, v, scale):
   """Prefill all tokens, then logits via `scores` and outputs via `chunked_attention`."""
-  cache = tqc.prefill(cache0, k, v)
+  cache = tq_ops.prefill(cache0, k, v)
   b, h, t, d = q.shape
   # Fold query tokens into the query-head axis: Hq = H·T, so each kv head sees G = T queries.
-  logits = tqc.scores(cache, q.reshape(b, h * t, d), scale=scale).reshape(b, h, t, -1)
-  out = tqc.chunked_attention(cache, q, scale=scale, causal=False, block_size=min(t, 1024))
+  logits = tq_ops.scores(cache, q.reshape(b, h * t, d), scale=scale).reshape(b, h, t, -1)
+  out = tq_ops.chunked_attention(cache, q, scale=scale, causal=False, block_size=min(t, 1024))
   return cache, logits, out
 
 
@@ -430,7 +431,7 @@ def write_outputs(real, synth, rec, runtime, dev):
       "",
       "Method: queries stay float32; K and V are quantized. tqjax rows go through the compressed "
       "cache: `prefill` of all tokens, logits from `tqjax.cache.scores` (query tokens folded into "
-      "the query-head axis), outputs from `tqjax.cache.chunked_attention(causal=False)`; values are "
+      "the query-head axis), outputs from `tqjax.ops.chunked_attention(causal=False)`; values are "
       "never decoded outside the cache's attention path. Baselines (`experiments/baselines.py`) are "
       "dequantized and attended densely. tqjax `Nb` = k_bits = v_bits = N unless K/V named; "
       "`nc` = norm correction (keys and values), `centre` = per-head key mean subtracted at prefill, "

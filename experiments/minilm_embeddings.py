@@ -3,7 +3,7 @@
 MiniLM is a bidirectional encoder, so "compressed attention" here means: in every layer, the
 keys and values of the sentence are written into a tqjax cache with `tqjax.cache.prefill` (real
 tokens only, from the attention mask), and every query token attends over the compressed cache
-with `tqjax.cache.chunked_attention(..., causal=False)`. Queries stay float32; nothing is
+with `tqjax.ops.chunked_attention(..., causal=False)`. Queries stay float32; nothing is
 decoded outside the cache's attention path. The port's `attention_factory` seam swaps this in.
 
 Sentences: a deterministic set of a few hundred, cut from the docstrings of standard-library
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tqjax import cache as tqcache
+from tqjax import ops as tq_ops
 from tqjax.cache import CacheConfig
 from tqjax.models import minilm
 
@@ -97,8 +98,8 @@ def compressed_attend(q, k, v, mask, *, config: CacheConfig):
   # The barrier keeps XLA from constant-folding the fresh zero arrays through prefill's scatter
   # (a folded [B, N, T, ...] literal per layer: compile time grew ~10x at B = 300).
   cache = jax.lax.optimization_barrier(tqcache.init_cache(config, b, n, t))
-  cache = tqcache.prefill(cache, k, v, lengths)
-  return tqcache.chunked_attention(cache, q, causal=False)
+  cache = tq_ops.prefill(cache, k, v, lengths)
+  return tq_ops.chunked_attention(cache, q, causal=False)
 
 
 def bf16_attend(q, k, v, mask):

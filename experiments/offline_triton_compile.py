@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
 from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import quantizer  # noqa: E402
 
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
@@ -121,7 +122,7 @@ def decode_ir(name: str) -> tuple[str, int, int, int]:
   cfg = C.CacheConfig(head_dim=128, k_bits=kb, v_bits=vb, k_variant=variant)
   cache = jax.eval_shape(lambda: C.init_cache(cfg, 8, 8, 32768))
   q = jax.ShapeDtypeStruct((8, 32, 128), jnp.float32)
-  fn = lambda c, q: C.chunked_attention(
+  fn = lambda c, q: tq_ops.chunked_attention(
       c, q[:, :, None], partial_fn=lambda *a: decode_attention_gpu.decode_partial(*a, **opts))
   block_k = opts.get("block_k") or decode_attention_gpu.default_block_k(128, 32768)
   return _capture_ir(fn, cache, q), opts.get("num_warps") or 4, opts.get("num_stages") or 2, 2 * block_k * 128, 1

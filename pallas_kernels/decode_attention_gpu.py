@@ -1,7 +1,7 @@
 """Fused GPU decode attention over the TurboQuant compressed KV cache (Pallas, Triton lowering).
 
-Implements the contract of `tqjax.cache.compressed_partial_reference` (the `partial_fn` seam of
-`tqjax.cache.chunked_attention`) for configs without outlier channels: per (batch, kv head,
+Implements the contract of `tqjax.partials.compressed_partial_reference` (the `partial_fn` seam of
+`tqjax.ops.chunked_attention`) for configs without outlier channels: per (batch, kv head,
 split of the sequence) one program takes the G·T query rows of the kv head together (padded to
 a power of two ≥ 16 for Triton), streams blocks of packed key codes + norms (+ QJL signs and
 residual norms for prod keys) and packed value codes + norms, and keeps an online softmax.
@@ -55,7 +55,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import bf16
 from tqjax import packing
-from tqjax.cache import compressed_partial_reference
+from tqjax.partials import compressed_partial_reference
 from tqjax.codebook import lloyd_max  # static float64 centroids (the pytree's are traced under jit)
 
 LANES = packing.WORD_BITS  # 32 slots per packed word
@@ -445,7 +445,7 @@ def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) ->
 )
 def decode_partial(
     cache,  # tqjax.cache.KVCache without outlier channels
-    pq,  # tqjax.cache.PreparedQuery: q [B, K, G, T, D], sq [B, K, G, T, D] (prod), offset [B, K, G, T]
+    pq,  # tqjax.partials.PreparedQuery: q [B, K, G, T, D], sq [B, K, G, T, D] (prod), offset [B, K, G, T]
     lo,  # [B, T] int32: first attended slot per query token
     hi,  # [B, T] int32: one past the last attended slot
     soft_cap: float | None = None,
@@ -459,7 +459,7 @@ def decode_partial(
     dot_dtype: str = "float32",
     poison: bool = False,
 ):
-  """The fused kernel under the contract of `tqjax.cache.compressed_partial_reference`.
+  """The fused kernel under the contract of `tqjax.partials.compressed_partial_reference`.
 
   Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
   m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0.

@@ -1,6 +1,6 @@
 """Fused TurboQuant decode attention for TPU (Mosaic `pl.pallas_call`).
 
-Implements the contract of `tqjax.cache.compressed_partial_reference` for one query token per
+Implements the contract of `tqjax.partials.compressed_partial_reference` for one query token per
 sequence (T = 1) and caches without outlier channels: from the prepared query (rotated, scaled
 q, QJL projection S·q for prod keys, the key-centring logit offset) and the packed cache it
 returns UNnormalized value accumulators in the value store's rotated space, the running max m
@@ -43,7 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from tqjax import packing
-from tqjax.cache import KVCache, PreparedQuery, compressed_partial_reference
+from tqjax.cache import KVCache
+from tqjax.partials import PreparedQuery, compressed_partial_reference
 
 _HIGHEST = lax.Precision.HIGHEST
 _SUBLANES = 8  # slots per unpacked tile: one sublane group

@@ -1,6 +1,6 @@
 """Fused decode attention on Hopper GPUs (Pallas Mosaic GPU) over the packed TurboQuant cache.
 
-The contract of `tqjax.cache.compressed_partial_reference` (as `decode_attention_gpu`, the
+The contract of `tqjax.partials.compressed_partial_reference` (as `decode_attention_gpu`, the
 Triton kernel, which handles every config this one does not) for: mse or prod keys and mse
 values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 64, 128 or 256, no
 outlier channels, at most 8 query rows (G·T) per kv head.
@@ -1007,7 +1007,7 @@ def default_num_splits(heads: int, seq: int, bk: int, ctas: int = 132 * 8) -> in
 @functools.partial(jax.jit, static_argnames=("soft_cap", "num_splits", "stages"))
 def decode_partial(
     cache,  # tqjax.cache.KVCache that `supported` accepts
-    pq,  # tqjax.cache.PreparedQuery: q [B, K, G, T, D], offset [B, K, G, T]
+    pq,  # tqjax.partials.PreparedQuery: q [B, K, G, T, D], offset [B, K, G, T]
     lo,  # [B, T] int32: first attended slot per query token
     hi,  # [B, T] int32: one past the last attended slot
     soft_cap: float | None = None,
@@ -1015,7 +1015,7 @@ def decode_partial(
     num_splits: int | None = None,
     stages: int | None = None,
 ):
-  """The kernel under the contract of `tqjax.cache.compressed_partial_reference`.
+  """The kernel under the contract of `tqjax.partials.compressed_partial_reference`.
 
   Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
   m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0. m is a running max that may

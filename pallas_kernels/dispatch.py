@@ -1,10 +1,11 @@
-"""Which implementation runs for a cache, and the Pallas entries `tqjax.cache` calls.
+"""The kernel table: which fused kernel serves a cache on this backend, as a callable.
 
-Decode attention: `tqjax.cache.attention(..., implementation=None)` asks
-`default_implementation(cache)`; with "pallas" it calls `attention(cache, q, scale=, soft_cap=,
-sliding_window=)` here. Prefill encode: `tqjax.cache.prefill(..., implementation=None)` asks
-`default_prefill_implementation(cache, dtypes)` and calls `prefill(...)` here. Kernels are
-imported lazily so this module (and `pallas_kernels`) imports on any backend, GPU or not.
+Nothing here runs attention or writes a cache: `tqjax.ops` asks
+`default_implementation(cache)` and `decode_partial_fn(cache, rows)` for a callable with the
+contract of `tqjax.partials.compressed_partial_reference`, and `tqjax.ops.prefill` asks
+`default_prefill_implementation` and `prefill_encoder` for an encoder with the contract of
+`tqjax.cache.encode_tokens`. Kernels are imported lazily so this module (and `pallas_kernels`)
+imports on any backend, GPU or not.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import functools
 
 import jax
 
-from tqjax import cache as tq_cache
+from tqjax.cache import encode_tokens
+
+__all__ = [
+    "supports",
+    "default_implementation",
+    "decode_partial_fn",
+    "prefill_supports",
+    "default_prefill_implementation",
+    "prefill_encoder",
+]
 
 
 def _backend() -> str:
@@ -56,8 +66,23 @@ def _mosaic_decode(cache, rows: int) -> bool:
   return _is_hopper() and rows <= decode_mgpu.MAX_ROWS and decode_mgpu.supported(cache)[0]
 
 
-def _partial_fn(cache, rows: int, backend: str, interpret: bool, **kernel_options):
-  if backend == "tpu" and not interpret:
+def decode_partial_fn(cache, rows: int, *, backend: str | None = None, interpret: bool = False, **kernel_options):
+  """The fused decode partial for `cache` and G·T `rows` query rows per kv head: a callable
+  `(cache, pq, lo, hi, soft_cap)` with the contract of `compressed_partial_reference`.
+
+  On a Hopper GPU `decode_mgpu` (Mosaic GPU) serves where it applies (mse or prod keys, mse
+  values, head_dim 64, 128 or 256, ≤ 8 rows) and no kernel_options are given; on TPU
+  `decode_attention_tpu`; otherwise `decode_attention_gpu` (Triton), which kernel_options
+  (block_k, dot_dtype, ...) configure. interpret=True runs the Triton kernel in Pallas interpret
+  mode (any backend, for tests). backend names the backend to choose for (default: JAX's, or
+  "gpu" with interpret=True). Raises ValueError naming the reason when no kernel supports this
+  cache there.
+  """
+  backend = backend or ("gpu" if interpret else _backend())
+  ok, why = supports(cache, backend)
+  if not ok:
+    raise ValueError(f'implementation="pallas" is not available for this cache: {why}')
+  if backend == "tpu":
     from pallas_kernels import decode_attention_tpu  # noqa: PLC0415
 
     return functools.partial(decode_attention_tpu.decode_partial_tpu, **kernel_options)
@@ -68,42 +93,6 @@ def _partial_fn(cache, rows: int, backend: str, interpret: bool, **kernel_option
   from pallas_kernels import decode_attention_gpu  # noqa: PLC0415
 
   return functools.partial(decode_attention_gpu.decode_partial, interpret=interpret, **kernel_options)
-
-
-def attention(
-    cache,  # tqjax.cache.KVCache
-    q,  # [B, Hq, D]
-    *,
-    scale: float | None = None,
-    soft_cap: float | None = None,
-    sliding_window: int | None = None,
-    interpret: bool = False,
-    **kernel_options,
-):
-  """Decode attention through the fused kernel → [B, Hq, D]; same semantics as `tqjax.cache.attention`.
-
-  On a Hopper GPU `decode_mgpu` (Mosaic GPU) runs where it applies (mse or prod keys, mse
-  values, head_dim 64, 128 or 256, ≤ 8 query heads per kv head) and no kernel_options are given;
-  otherwise `decode_attention_gpu` (Triton), which kernel_options (block_k, dot_dtype, ...)
-  configure.
-  interpret=True runs the Triton kernel in Pallas interpret mode (any backend, for tests).
-  Raises ValueError (naming the reason) when no kernel supports this cache here.
-  """
-  if q.ndim != 3:
-    raise ValueError(f"attention: q must be [batch, q_heads, head_dim], got q.shape={q.shape}")
-  backend = "gpu" if interpret else _backend()
-  ok, why = supports(cache, backend)
-  if not ok:
-    raise ValueError(f'implementation="pallas" is not available for this cache: {why}')
-  partial_fn = _partial_fn(cache, q.shape[1] // cache.num_kv_heads, backend, interpret, **kernel_options)
-  return tq_cache.chunked_attention(
-      cache,
-      q[:, :, None, :],
-      scale=scale,
-      soft_cap=soft_cap,
-      sliding_window=sliding_window,
-      partial_fn=partial_fn,
-  )[:, :, 0]
 
 
 # ----------------------------------------------------------------------------- prefill encode
@@ -165,40 +154,32 @@ def _mosaic_encode(tq, x, mean) -> bool:
   return _is_hopper() and encode_mgpu.supported(tq, x.dtype, tokens)[0]
 
 
-def prefill(
-    cache,  # tqjax.cache.KVCache
-    k,  # [B, K, T, D]
-    v,  # [B, K, T, D]
-    lengths=None,  # [B] int or None
-    *,
-    xla_fallback: bool = False,
-    interpret: bool = False,
-    **kernel_options,
-):
-  """`tqjax.cache.prefill` with the fused encode kernels: `pallas_kernels.encode_mgpu.encode`
-  (Mosaic GPU) where it applies on a Hopper GPU, else `pallas_kernels.encode_gpu.encode` (Triton),
-  which kernel_options (block_t, num_warps, ...) and interpret=True select explicitly.
+def prefill_encoder(cache, dtypes, *, xla_fallback: bool = False, interpret: bool = False, **kernel_options):
+  """The encoder a prefill of `cache` with k/v of `dtypes` (a tuple) uses: a callable
+  `(tq, x, mean)` with the contract of `tqjax.cache.encode_tokens`.
 
+  It runs `encode_mgpu.encode` (Mosaic GPU) where that applies on a Hopper GPU, else
+  `encode_gpu.encode` (Triton), which kernel_options (block_t, num_warps, ...) and
+  interpret=True (Pallas interpret mode, any backend, for tests) select explicitly.
   xla_fallback=False (implementation="pallas"): raises ValueError naming the reason unless the
   kernel does every encode. xla_fallback=True (implementation=None): encodes the kernel does not
-  support (more than 4 codebook bits, outlier channels, ...) go through the XLA encode.
-  interpret=True runs the kernel in Pallas interpret mode (any backend, for tests).
+  support (more than 4 codebook bits, ...) go through the XLA encode.
   """
   from pallas_kernels import encode_gpu  # noqa: PLC0415
 
   backend = "gpu" if interpret else _backend()
   if not xla_fallback:
-    ok, why = prefill_supports(cache, backend, (k.dtype, v.dtype))
+    ok, why = prefill_supports(cache, backend, tuple(dtypes))
     if not ok:
       raise ValueError(f'implementation="pallas" is not available for this prefill: {why}')
 
   def encoder(tq, x, mean=None):
     if xla_fallback and not _encode_support(tq, (x.dtype,), backend)[0]:
-      return tq_cache.encode_tokens(tq, x, mean)
+      return encode_tokens(tq, x, mean)
     if not interpret and not kernel_options and _mosaic_encode(tq, x, mean):
       from pallas_kernels import encode_mgpu  # noqa: PLC0415
 
       return encode_mgpu.encode(tq, x, mean)
     return encode_gpu.encode(tq, x, mean, interpret=interpret, **kernel_options)
 
-  return tq_cache.prefill_with_encoder(cache, k, v, lengths, encoder=encoder)
+  return encoder

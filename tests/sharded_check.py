@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tqjax  # noqa: E402
 from flax import nnx  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
+from kernel_paths import pallas_attention
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import nn as tnn  # noqa: E402
 
 DEVICES = 4
@@ -89,10 +91,10 @@ def check_cache(mesh, r, cfg: C.CacheConfig) -> None:
   name = f"K{cfg.k_bits}{cfg.k_variant}/V{cfg.v_bits} outliers {cfg.outlier_channels} window {cfg.window}"
 
   def step(cache, k, v, lengths, k1, v1, q):  # the XLA paths
-    cache = C.append(C.prefill(cache, k, v, lengths), k1, v1)
-    return cache, C.attention(cache, q, implementation="xla", soft_cap=30.0)
+    cache = C.append(tq_ops.prefill(cache, k, v, lengths), k1, v1)
+    return cache, tq_ops.attention(cache, q, implementation="xla", soft_cap=30.0)
 
-  kernel = lambda cache, q: dispatch.attention(cache, q, soft_cap=30.0, interpret=True)
+  kernel = lambda cache, q: pallas_attention(cache, q, soft_cap=30.0, interpret=True)
   want = jax.jit(step)(empty, k, v, lengths, k1, v1, q)
   kernel_runs = dispatch.supports(empty, "gpu")[0]
   if kernel_runs:

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tqjax
 from tqjax import cache as C
+from tqjax import ops as tq_ops
 
 pytestmark = pytest.mark.math
 
@@ -87,10 +88,10 @@ def test_decode_attention_matches_float64_reference(name, soft_cap, window):
   key = jax.random.key(hash(name) % 2**31)
   k, v = _kv(key, b, kh, 40, d)
   cache = C.init_cache(cfg, b, kh, cap)
-  cache = C.prefill(cache, k[:, :, :30], v[:, :, :30], lengths=jnp.array([30, 1, 17]))
+  cache = tq_ops.prefill(cache, k[:, :, :30], v[:, :, :30], lengths=jnp.array([30, 1, 17]))
   cache = C.append(cache, k[:, :, 30:33], v[:, :, 30:33])
   q = jax.random.normal(jax.random.fold_in(key, 1), (b, kh * g, d))
-  out = C.attention(cache, q, soft_cap=soft_cap, sliding_window=window, implementation="xla")
+  out = tq_ops.attention(cache, q, soft_cap=soft_cap, sliding_window=window, implementation="xla")
   k_hat, v_hat = _decoded(cache)
   if cfg.window:  # the last `window` tokens are attended from the full-precision ring
     for i, n in enumerate(np.asarray(cache.lengths)):
@@ -108,11 +109,11 @@ def test_chunked_causal_and_bidirectional():
   b, kh, g, d, t = 2, 2, 2, 64, 5
   cfg = C.CacheConfig(d, k_bits=3, v_bits=3)
   k, v = _kv(jax.random.key(3), b, kh, 20, d)
-  cache = C.prefill(C.init_cache(cfg, b, kh, 32), k, v, lengths=jnp.array([20, 9]))
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, 32), k, v, lengths=jnp.array([20, 9]))
   q = jax.random.normal(jax.random.key(4), (b, kh * g, t, d))
   k_hat, v_hat = _decoded(cache)
   for causal in (True, False):
-    out = C.chunked_attention(cache, q, causal=causal, block_size=8)
+    out = tq_ops.chunked_attention(cache, q, causal=causal, block_size=8)
     ref = _dense_reference(k_hat, v_hat, q, cache.lengths, t, scale=1 / math.sqrt(d), causal=causal)
     assert _rel(out, ref) < 2e-5
 
@@ -138,7 +139,7 @@ def test_prefill_key_mean_ignores_padding():
   k, v = _kv(jax.random.key(3), b, kh, t, d)
   k = k.at[0, :, 5:].set(jnp.nan).at[1, 0, 8].set(jnp.inf)
   lengths = jnp.asarray([5, 8], jnp.int32)
-  cache = C.prefill(C.init_cache(C.CacheConfig(d, k_bits=3, v_bits=3), b, kh, 16), k, v, lengths)
+  cache = tq_ops.prefill(C.init_cache(C.CacheConfig(d, k_bits=3, v_bits=3), b, kh, 16), k, v, lengths)
   kk = np.asarray(k, np.float64)
   want = np.stack([kk[0, :, :5].mean(1), kk[1, :, :8].mean(1)])
   np.testing.assert_allclose(np.asarray(cache.key_mean), want, rtol=1e-6, atol=1e-6)
@@ -150,7 +151,7 @@ def test_prefill_equals_appends_and_scan_decode_loop():
   cfg = C.CacheConfig(d, k_bits=3, v_bits=2, center_keys=False)
   k, v = _kv(jax.random.key(5), b, kh, t, d)
   empty = C.init_cache(cfg, b, kh, 16)
-  pre = C.prefill(empty, k, v)
+  pre = tq_ops.prefill(empty, k, v)
 
   def step(c, kv):
     return C.append(c, kv[0][:, :, None], kv[1][:, :, None]), None
@@ -174,10 +175,10 @@ def test_prefill_equals_appends_and_scan_decode_loop():
   def body(carry):
     i, c, _ = carry
     c = C.append(c, jax.lax.dynamic_slice_in_dim(k, i, 1, 2), jax.lax.dynamic_slice_in_dim(v, i, 1, 2))
-    return i + 1, c, C.attention(c, q, implementation="xla")
+    return i + 1, c, tq_ops.attention(c, q, implementation="xla")
 
   _, looped, last = jax.jit(lambda c: jax.lax.while_loop(cond, body, (0, c, jnp.zeros((b, kh, d)))))(empty)
-  np.testing.assert_allclose(last, C.attention(pre, q, implementation="xla"), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(last, tq_ops.attention(pre, q, implementation="xla"), rtol=1e-6, atol=1e-6)
   assert np.asarray(looped.lengths).tolist() == [t, t]
 
 
@@ -190,7 +191,7 @@ def test_ragged_append_counts_and_positions():
   c = C.append(c, k[:, :, :1], v[:, :, :1])
   assert np.asarray(c.lengths).tolist() == [5, 3]
   # Sequence 1's third token is k[1, :, 0]; its slots 3.. are still empty (scale 0).
-  one = C.prefill(C.init_cache(cfg, 1, kh, 8), k[1:, :, :1], v[1:, :, :1])
+  one = tq_ops.prefill(C.init_cache(cfg, 1, kh, 8), k[1:, :, :1], v[1:, :, :1])
   np.testing.assert_array_equal(c.k.main.codes[1, :, 2], one.k.main.codes[0, :, 0])
   assert float(jnp.abs(c.k.main.norms[1, :, 3:]).max()) == 0.0
 
@@ -203,9 +204,9 @@ def test_sharded_over_kv_heads_matches_single_device():
   b, kh, g, d = 2, 4, 2, 32
   cfg = C.CacheConfig(d, k_bits=3, v_bits=3)
   k, v = _kv(jax.random.key(8), b, kh, 24, d)
-  cache = C.prefill(C.init_cache(cfg, b, kh, 32), k, v, lengths=jnp.array([24, 11]))
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, 32), k, v, lengths=jnp.array([24, 11]))
   q = jax.random.normal(jax.random.key(9), (b, kh * g, d))
-  want = C.attention(cache, q, implementation="xla")
+  want = tq_ops.attention(cache, q, implementation="xla")
 
   def shard(x):
     return jax.device_put(x, NamedSharding(mesh, P(None, "model") if x.ndim >= 2 else P()))
@@ -221,7 +222,7 @@ def test_sharded_over_kv_heads_matches_single_device():
       v=dataclasses.replace(sharded.v, quantizer=cache.v.quantizer),
   )
   assert sharded.k.main.codes.sharding.spec == P(None, "model")
-  got = jax.jit(lambda c, q: C.attention(c, q, implementation="xla"))(sharded, shard(q))
+  got = jax.jit(lambda c, q: tq_ops.attention(c, q, implementation="xla"))(sharded, shard(q))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
@@ -263,8 +264,8 @@ def test_scores_and_key_centring_keep_logits_exact():
   q = jax.random.normal(jax.random.key(12), (b, kh, d))
   for soft_cap in (None, 2.0):
     cfg = C.CacheConfig(d, k_bits=3, v_bits=3, center_keys=True)
-    cache = C.prefill(C.init_cache(cfg, b, kh, 16), k, v, lengths=jnp.array([12, 5]))
-    got = C.scores(cache, q, soft_cap=soft_cap)
+    cache = tq_ops.prefill(C.init_cache(cfg, b, kh, 16), k, v, lengths=jnp.array([12, 5]))
+    got = tq_ops.scores(cache, q, soft_cap=soft_cap)
     k_hat, _ = _decoded(cache)
     ref = np.einsum("bkd,bksd->bks", np.asarray(q, np.float64), k_hat) / math.sqrt(d)
     if soft_cap:
@@ -277,7 +278,7 @@ def test_scores_and_key_centring_keep_logits_exact():
   errs = []
   for centre in (False, True):
     cfg = C.CacheConfig(d, k_bits=3, v_bits=3, center_keys=centre)
-    cache = C.prefill(C.init_cache(cfg, b, kh, 16), k, v)
+    cache = tq_ops.prefill(C.init_cache(cfg, b, kh, 16), k, v)
     errs.append(np.linalg.norm(_decoded(cache)[0][:, :, :12] - np.asarray(k)))
   assert errs[1] < 0.7 * errs[0]
 
@@ -298,9 +299,9 @@ def test_real_data_logit_error_matches_theory(minilm_qkv_path):
   u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
   for bits in (2, 3, 4):
     cfg = C.CacheConfig(d, k_bits=bits, v_bits=bits, norm_correction=False, center_keys=False)
-    cache = C.prefill(C.init_cache(cfg, layers, heads, 512), k, k)
+    cache = tq_ops.prefill(C.init_cache(cfg, layers, heads, 512), k, k)
     qq = q.transpose(0, 2, 1, 3)  # [layers, 64 queries, heads, D]: one scores call per query token
-    got = jax.vmap(lambda qt: C.scores(cache, qt, scale=1.0), in_axes=1, out_axes=1)(qq)  # [L, 64, H, S]
+    got = jax.vmap(lambda qt: tq_ops.scores(cache, qt, scale=1.0), in_axes=1, out_axes=1)(qq)  # [L, 64, H, S]
     true = jnp.einsum("lhqd,lhsd->lqhs", q, k)
     norms = jnp.linalg.norm(q, axis=-1).transpose(0, 2, 1)[..., None] * jnp.linalg.norm(k, axis=-1)[:, None]
     measured = float(jnp.mean(jnp.square((got - true) / norms)))
@@ -322,8 +323,8 @@ def test_attention_error_on_real_data_shrinks_with_bits(minilm_qkv_path):
   errs = []
   for bits in (2, 3, 4):
     cfg = C.CacheConfig(32, k_bits=bits, v_bits=bits)
-    cache = C.prefill(C.init_cache(cfg, 1, 12, 512), k[None], v[None])
-    errs.append(_rel(C.attention(cache, q[None], implementation="xla")[0], exact))
+    cache = tq_ops.prefill(C.init_cache(cfg, 1, 12, 512), k[None], v[None])
+    errs.append(_rel(tq_ops.attention(cache, q[None], implementation="xla")[0], exact))
   assert errs[0] > errs[1] > errs[2]
   # Rigorous per-instance bound for the value error alone: ‖Σ p_t e_t‖ ≤ max_t ‖e_t‖.
   assert errs[2] < 0.25
@@ -333,18 +334,20 @@ def test_non_finite_tokens_stay_local():
   b, kh, d = 2, 1, 32
   k, v = _kv(jax.random.key(13), b, kh, 6, d)
   k = k.at[1, 0, 2, 5].set(jnp.nan)
-  cache = C.prefill(C.init_cache(C.CacheConfig(d), b, kh, 8), k, v)
-  out = np.asarray(C.attention(cache, jax.random.normal(jax.random.key(14), (b, kh, d)), implementation="xla"))
+  cache = tq_ops.prefill(C.init_cache(C.CacheConfig(d), b, kh, 8), k, v)
+  out = np.asarray(tq_ops.attention(cache, jax.random.normal(jax.random.key(14), (b, kh, d)), implementation="xla"))
   assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
 
 
-def test_overflow_is_dropped_and_checked_mode_reports():
+def test_overflow_raises_outside_jit_is_dropped_under_jit_and_checked_mode_reports():
   d = 32
   cfg = C.CacheConfig(d, center_keys=False)
   k, v = _kv(jax.random.key(15), 1, 1, 4, d)
-  c = C.prefill(C.init_cache(cfg, 1, 1, 6), k, v)
+  c = tq_ops.prefill(C.init_cache(cfg, 1, 1, 6), k, v)
   before = c.k.main.codes
-  c2 = C.append(c, k[:, :, :3], v[:, :, :3])
+  with pytest.raises(ValueError, match=r"past capacity=6: lengths \+ new tokens = \[7\]"):
+    C.append(c, k[:, :, :3], v[:, :, :3])
+  c2 = jax.jit(C.append)(c, k[:, :, :3], v[:, :, :3])
   assert int(c2.lengths[0]) == 6  # saturates; slot 0..3 untouched
   np.testing.assert_array_equal(c2.k.main.codes[:, :, :4], before[:, :, :4])
   err, _ = jax.jit(C.append_checked)(c, k[:, :, :3], v[:, :, :3])
@@ -352,6 +355,69 @@ def test_overflow_is_dropped_and_checked_mode_reports():
     err.throw()
   err, _ = jax.jit(C.append_checked)(c, k[:, :, :2], v[:, :, :2])
   err.throw()  # fits exactly: no error
+  assert int(C.append(c, k[:, :, :2], v[:, :, :2]).lengths[0]) == 6  # fits exactly outside jit too
+
+
+@pytest.mark.parametrize("lengths", [[5, 2], [-1, 2]])
+def test_prefill_lengths_outside_tokens_raise(lengths):
+  """lengths > T or < 0 would silently clip; concrete values raise naming them."""
+  cache = C.init_cache(C.CacheConfig(32), 2, 1, 8)
+  k, v = _kv(jax.random.key(3), 2, 1, 4, 32)
+  with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=4\].*" + str(lengths[0])):
+    tq_ops.prefill(cache, k, v, jnp.array(lengths))
+  with pytest.raises(ValueError, match=r"num_new must lie in \[0, T=4\]"):
+    C.append(cache, k, v, jnp.array(lengths))
+
+
+@pytest.mark.parametrize("soft_cap", [-1.0, 0.0, float("inf"), float("nan")])
+def test_bad_soft_cap_raises(soft_cap):
+  cache = C.init_cache(C.CacheConfig(32), 1, 1, 8)
+  with pytest.raises(ValueError, match="soft_cap must be a positive finite number"):
+    tq_ops.attention(cache, jnp.ones((1, 1, 32)), soft_cap=soft_cap)
+
+
+def test_attention_over_empty_cache_is_zeros():
+  """Nothing written: every query attends to nothing — zeros, with a softmax sum of 0 (defined,
+  documented in tqjax.ops); a sequence that has tokens is unaffected by an empty neighbour."""
+  d = 32
+  cache = C.init_cache(C.CacheConfig(d, window=4), 2, 1, 16)
+  k, v = _kv(jax.random.key(4), 2, 1, 5, d)
+  q = jax.random.normal(jax.random.key(5), (2, 2, d))
+  np.testing.assert_array_equal(np.asarray(tq_ops.attention(cache, q)), 0.0)
+  cache = tq_ops.prefill(cache, k, v, jnp.array([5, 0]))
+  o, m, l = tq_ops.chunked_attention(cache, q[:, :, None], return_residuals=True)
+  assert np.isfinite(np.asarray(o)).all()
+  np.testing.assert_array_equal(np.asarray(o[1]), 0.0)
+  np.testing.assert_array_equal(np.asarray(l[1]), 0.0)
+  assert (np.asarray(l[0]) > 0).all() and np.abs(np.asarray(o[0])).max() > 0.01
+
+
+def test_scores_use_the_exact_window_like_attention():
+  """softmax(scores)·v equals attention: the window's tokens get their exact logits in both.
+  K2/V2 at head_dim 32 makes compressed logits far from exact (off by up to ~2)."""
+  b, kh, g, d, t, w = 2, 1, 2, 32, 40, 16
+  cfg = C.CacheConfig(d, k_bits=2, v_bits=2, window=w, window_dtype="float32")
+  k, v = _kv(jax.random.key(6), b, kh, t, d)
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, 64), k, v, jnp.array([t, 11]))
+  q = 3.0 * jax.random.normal(jax.random.key(7), (b, kh * g, d))
+  s = np.asarray(tq_ops.scores(cache, q), np.float64)
+  lengths = [t, 11]
+  for bi in range(b):
+    n = lengths[bi]
+    exact = np.asarray(q[bi], np.float64) @ np.asarray(k[bi, 0, :n], np.float64).T / np.sqrt(d)  # [N, n]
+    recent = slice(max(n - w, 0), n)
+    np.testing.assert_allclose(s[bi, :, recent], exact[:, recent], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(s[bi, :, n:]))
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  _, v_hat = _decoded(cache)
+  v_mix = v_hat.copy()  # compressed values outside the window, exact values inside (as attention reads them)
+  for bi in range(b):
+    n = lengths[bi]
+    v_mix[bi, :, max(n - w, 0):n] = np.asarray(v[bi, :, max(n - w, 0):n], np.float64)
+  want = np.einsum("bns,bsh->bnh", p, v_mix[:, 0])  # one kv head: every query head reads it
+  got = np.asarray(tq_ops.attention(cache, q), np.float64)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -360,7 +426,7 @@ def test_bad_inputs_raise_clear_errors():
   cache = C.init_cache(cfg, 2, 2, 8)
   k, v = _kv(jax.random.key(16), 2, 2, 3, d)
   with pytest.raises(ValueError, match="capacity=8"):
-    C.prefill(cache, *_kv(jax.random.key(0), 2, 2, 9, d))
+    tq_ops.prefill(cache, *_kv(jax.random.key(0), 2, 2, 9, d))
   with pytest.raises(ValueError, match="kv_heads=2"):
     C.append(cache, k[:, :1], v[:, :1])
   with pytest.raises(ValueError, match="head_dim=32"):
@@ -370,11 +436,11 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="shapes differ"):
     C.append(cache, k, v[:, :, :2])
   with pytest.raises(ValueError, match="multiple of the cache's kv_heads=2"):
-    C.attention(cache, jnp.ones((2, 3, d)), implementation="xla")
+    tq_ops.attention(cache, jnp.ones((2, 3, d)), implementation="xla")
   with pytest.raises(ValueError, match="head_dim=32"):
-    C.attention(cache, jnp.ones((2, 2, 16)), implementation="xla")
+    tq_ops.attention(cache, jnp.ones((2, 2, 16)), implementation="xla")
   with pytest.raises(ValueError, match="implementation"):
-    C.attention(cache, jnp.ones((2, 2, d)), implementation="cuda")
+    tq_ops.attention(cache, jnp.ones((2, 2, d)), implementation="cuda")
   with pytest.raises(ValueError, match="k_bits"):
     C.CacheConfig(d, k_bits=9)
   with pytest.raises(ValueError, match="outlier_channels"):
@@ -384,4 +450,4 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="capacity"):
     C.init_cache(cfg, 2, 2, 0)
   with pytest.raises(ValueError, match="lengths"):
-    C.prefill(cache, k, v, lengths=jnp.array([1, 2, 3]))
+    tq_ops.prefill(cache, k, v, lengths=jnp.array([1, 2, 3]))

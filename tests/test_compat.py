@@ -107,6 +107,7 @@ def test_usage_errors():
 @pytest.mark.parametrize("qjl", [False, True])
 def test_kv_cache_wrapper_matches_functional_cache(qjl):
   from tqjax import cache as C
+  from tqjax import ops as tq_ops
   from tqjax.compat import TurboQuantKVCache
 
   d, h = 32, 2
@@ -116,12 +117,12 @@ def test_kv_cache_wrapper_matches_functional_cache(qjl):
   kv.append(k[:5], v[:5])
   kv.append(k[5], v[5])  # one token as [H, D]
   assert len(kv) == 6
-  ref = C.prefill(C.init_cache(kv.cache_config, 1, h, 12), jnp.swapaxes(k, 0, 1)[None], jnp.swapaxes(v, 0, 1)[None])
+  ref = tq_ops.prefill(C.init_cache(kv.cache_config, 1, h, 12), jnp.swapaxes(k, 0, 1)[None], jnp.swapaxes(v, 0, 1)[None])
   q = jax.random.normal(jax.random.key(3), (h, d))
-  np.testing.assert_allclose(kv.attention(q), C.attention(ref, q[None], implementation="xla")[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(kv.attention(q), tq_ops.attention(ref, q[None], implementation="xla")[0], rtol=1e-5, atol=1e-6)
   scores = kv.attention_scores(q)
   assert scores.shape == (h, 6) and np.all(np.isfinite(np.asarray(scores)))
-  np.testing.assert_allclose(scores, C.scores(ref, q[None], scale=1.0)[0, :, :6], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(scores, tq_ops.scores(ref, q[None], scale=1.0)[0, :, :6], rtol=1e-5, atol=1e-5)
   # The scores estimate the true inner products (3-bit: correlation well above 0.9).
   assert np.corrcoef(np.asarray(scores).ravel(), np.einsum("hd,thd->ht", q, k).ravel())[0, 1] > 0.9
   assert kv.memory_bytes() == C.expected_nbytes(kv.cache_config, 1, h, 12)

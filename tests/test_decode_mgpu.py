@@ -26,9 +26,12 @@ import pytest
 from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import decode_attention_gpu, dispatch
+from kernel_paths import pallas_attention
 from pallas_kernels import decode_mgpu as M
 from test_encode_kernel import H100
 from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import partials as tq_partials
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
@@ -201,8 +204,8 @@ def test_supported_and_errors():
     ok, why = M.supported(C.init_cache(C.CacheConfig(**{**dict(head_dim=128, k_bits=3, v_bits=3), **kw}), 1, 1, 8))
     assert not ok and word in why
   cache = C.init_cache(cfg, 1, 1, 8)
-  pq = C.prepare_query(cache, jnp.zeros((1, 1, 9, 1, 128), jnp.float32), 1.0)
-  lo, hi = C.query_ranges(cache, 1, None)
+  pq = tq_partials.prepare_query(cache, jnp.zeros((1, 1, 9, 1, 128), jnp.float32), 1.0)
+  lo, hi = tq_partials.query_ranges(cache, 1, None)
   with pytest.raises(ValueError, match="query rows"):
     M.decode_partial(cache, pq, lo, hi)
 
@@ -232,7 +235,7 @@ def test_lowers_for_h100(case):
   kb, vb, nd, g, t, s, cap, var, d = case
   cfg = C.CacheConfig(head_dim=d, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
   cache = jax.eval_shape(lambda: C.init_cache(cfg, 2, 3, s))
-  pq = jax.eval_shape(lambda c: C.prepare_query(c, jnp.zeros((2, 3, g, t, d), jnp.float32), 0.1), cache)
+  pq = jax.eval_shape(lambda c: tq_partials.prepare_query(c, jnp.zeros((2, 3, g, t, d), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
     for stages in (None, 1, 3):  # the default (M.STAGES), one, more
@@ -305,11 +308,11 @@ def _check_case(case, decode_partial, ramp=0.0):
   d = cfgkw.get("head_dim", 128)
   r = np.random.default_rng(s)
   grow = 1.0 + ramp * np.linspace(0.0, 1.0, s)[:, None]
-  cache = C.prefill(C.init_cache(C.CacheConfig(**{"head_dim": d, **cfgkw}), b, kh, s),
+  cache = tq_ops.prefill(C.init_cache(C.CacheConfig(**{"head_dim": d, **cfgkw}), b, kh, s),
                     jnp.asarray((r.standard_normal((b, kh, s, d)) + 0.4) * grow, jnp.float32),
                     jnp.asarray(r.standard_normal((b, kh, s, d)), jnp.float32), jnp.asarray(lengths, jnp.int32))
-  pq = C.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, d)) * 2, jnp.float32), 1 / math.sqrt(d))
-  lo, hi = C.query_ranges(cache, t, win)
+  pq = tq_partials.prepare_query(cache, jnp.asarray(r.standard_normal((b, kh, g, t, d)) * 2, jnp.float32), 1 / math.sqrt(d))
+  lo, hi = tq_partials.query_ranges(cache, t, win)
   (acc, m, l) = decode_partial(cache, pq, lo, hi, cap)
   (acc_r, m_r, l_r) = decode_attention_gpu.decode_partial_reference(cache, pq, lo, hi, cap)
   acc, m, l, acc_r, m_r, l_r = (np.asarray(x, np.float64) for x in (acc[0], m, l, acc_r[0], m_r, l_r))
@@ -517,7 +520,7 @@ def test_lazy_softmax_model(case, ramp):
   k = (r.standard_normal((b, kh, seq, d)) + 0.4) * (1.0 + ramp * np.linspace(0.0, 1.0, seq)[:, None])
   v = r.standard_normal((b, kh, seq, d))[..., 0]
   q = r.standard_normal((b, kh, g, t, d)).reshape(b, kh, g * t, d) * 2 / math.sqrt(d)
-  lo, hi = (np.asarray(x) for x in C.query_ranges(SimpleNamespace(lengths=jnp.asarray(lengths), capacity=seq), t, win))
+  lo, hi = (np.asarray(x) for x in tq_partials.query_ranges(SimpleNamespace(lengths=jnp.asarray(lengths), capacity=seq), t, win))
   nblocks = -(-seq // M.block_tokens(d))
   per_split = -(-nblocks // M.default_num_splits(b * kh, seq, M.block_tokens(d)))
   counts = {}
@@ -574,13 +577,13 @@ def test_gpu_pipeline_depths(stages):
 def test_gpu_default_attention_is_the_mosaic_kernel(d):
   """dispatch picks this kernel on Hopper for K3/V3 and its attention matches the XLA path."""
   r = np.random.default_rng(0)
-  cache = C.prefill(C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), 2, 2, 640),
+  cache = tq_ops.prefill(C.init_cache(C.CacheConfig(head_dim=d, k_bits=3, v_bits=3), 2, 2, 640),
                     jnp.asarray(r.standard_normal((2, 2, 640, d)), jnp.float32),
                     jnp.asarray(r.standard_normal((2, 2, 640, d)), jnp.float32), jnp.asarray([640, 333], jnp.int32))
   q = jnp.asarray(r.standard_normal((2, 8, d)), jnp.float32)
   assert dispatch._mosaic_decode(cache, 4) and not dispatch._mosaic_decode(cache, 9)
-  got = np.asarray(dispatch.attention(cache, q))
-  want = np.asarray(C.attention(cache, q, implementation="xla"))
+  got = np.asarray(pallas_attention(cache, q))
+  want = np.asarray(tq_ops.attention(cache, q, implementation="xla"))
   assert np.linalg.norm(got - want) < TOL * np.linalg.norm(want)
 
 
@@ -648,7 +651,7 @@ def test_kernel_time_source_and_wall(monkeypatch, tmp_path):
   monkeypatch.setattr(KT, "WALL_CALLS", 2)
   monkeypatch.setattr(KT, "WALL_DISPATCHES", 1)
   monkeypatch.setattr(dispatch, "_mosaic_decode", lambda cache, rows: seen.append(imported().STAGES) or True)
-  monkeypatch.setattr(dispatch, "attention", lambda cache, q: C.attention(cache, q, implementation="xla"))
+  monkeypatch.setattr(dispatch, "attention", lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))
   args = SimpleNamespace(configs=["K3/V3", "K4/V4"], head_dim=64, seq=64, reps=2)
   got = KT.wall(args, [{}, {"STAGES": 3}])
   assert seen == [KT.DEFAULTS["STAGES"], 3] * 2 and M.STAGES == KT.DEFAULTS["STAGES"]

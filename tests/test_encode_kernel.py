@@ -28,8 +28,10 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from pallas_kernels import dispatch
+from kernel_paths import pallas_prefill
 from pallas_kernels import encode_gpu as E
 from tqjax import cache as C
+from tqjax import ops as tq_ops
 from tqjax import packing
 from tqjax import quantizer as Q
 from tqjax.codebook import lloyd_max
@@ -337,15 +339,15 @@ def test_interpret_cache_prefill_matches_xla():
   v = jnp.asarray(rng.standard_normal((b, kh, t, 64)), jnp.bfloat16)
   lengths = jnp.asarray([40, 17], jnp.int32)
   empty = C.init_cache(cfg, b, kh, s)
-  got = dispatch.prefill(empty, k, v, lengths, interpret=True, poison=True)
-  want = C.prefill(empty, k, v, lengths, implementation="xla")
+  got = pallas_prefill(empty, k, v, lengths, interpret=True, poison=True)
+  want = tq_ops.prefill(empty, k, v, lengths, implementation="xla")
   _check_caches(got, want, k, v, lengths)
   # prod keys (QJL) with bfloat16 scales, float32 inputs, no window.
   cfg = C.CacheConfig(head_dim=32, k_bits=3, v_bits=2, k_variant="prod", norm_dtype="bfloat16")
   k, v = (x[..., :32].astype(jnp.float32) for x in (k, v))
   empty = C.init_cache(cfg, b, kh, s)
-  got = dispatch.prefill(empty, k, v, lengths, interpret=True, poison=True)
-  _check_caches(got, C.prefill(empty, k, v, lengths, implementation="xla"), k, v, lengths)
+  got = pallas_prefill(empty, k, v, lengths, interpret=True, poison=True)
+  _check_caches(got, tq_ops.prefill(empty, k, v, lengths, implementation="xla"), k, v, lengths)
 
 
 @pytest.mark.interpret
@@ -359,9 +361,9 @@ def test_interpret_prefill_falls_back_per_store():
   v = jnp.asarray(rng.standard_normal((1, 2, 24, 32)), jnp.float32)
   empty = C.init_cache(cfg, 1, 2, 24)
   with pytest.raises(ValueError, match="keys: bits=6"):
-    dispatch.prefill(empty, k, v, interpret=True)
-  got = dispatch.prefill(empty, k, v, xla_fallback=True, interpret=True, poison=True)
-  want = C.prefill(empty, k, v, implementation="xla")
+    pallas_prefill(empty, k, v, interpret=True)
+  got = pallas_prefill(empty, k, v, xla_fallback=True, interpret=True, poison=True)
+  want = tq_ops.prefill(empty, k, v, implementation="xla")
   for a, b in zip(jax.tree_util.tree_leaves(got.k), jax.tree_util.tree_leaves(want.k)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the XLA encode itself
   _check(want.v.quantizer, v, got.v.main, want.v.main, **_tols("high", 32), max_frac=1e-3)
@@ -380,13 +382,13 @@ def test_dispatch_defaults_and_errors():
   if jax.default_backend() == "cpu":
     assert dispatch.default_prefill_implementation(cache) == "xla"
     with pytest.raises(ValueError, match="backend 'cpu'"):
-      C.prefill(cache, x, x, implementation="pallas")
+      tq_ops.prefill(cache, x, x, implementation="pallas")
     # None on CPU is the XLA path, bit for bit.
-    for a, b in zip(jax.tree_util.tree_leaves(C.prefill(cache, x + 1, x)),
-                    jax.tree_util.tree_leaves(C.prefill(cache, x + 1, x, implementation="xla"))):
+    for a, b in zip(jax.tree_util.tree_leaves(tq_ops.prefill(cache, x + 1, x)),
+                    jax.tree_util.tree_leaves(tq_ops.prefill(cache, x + 1, x, implementation="xla"))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="implementation="):
-    C.prefill(cache, x, x, implementation="triton")
+    tq_ops.prefill(cache, x, x, implementation="triton")
   for kw, why in ((dict(k_variant="prod", k_bits=6), "keys: bits=6 (5 codebook bits)"),
                   (dict(outlier_channels=4), "outlier_channels=4"), (dict(v_bits=5), "values: bits=5"),
                   (dict(head_dim=48), "dim=48")):
@@ -396,7 +398,7 @@ def test_dispatch_defaults_and_errors():
     assert not ok and why in reason, reason
     xx = jnp.zeros((1, 1, 8, cfg.head_dim), jnp.float32)
     with pytest.raises(ValueError, match="not available"):
-      dispatch.prefill(c, xx, xx, interpret=True)
+      pallas_prefill(c, xx, xx, interpret=True)
   assert "float64" in E.supported(Q.make_quantizer(64, 3), jnp.float64)[1]
   assert E.supported(Q.make_quantizer(64, 5, "prod"))[0]
   assert "qjl_dim=40" in E.supported(Q.make_quantizer(64, 3, "prod", qjl_dim=40))[1]
@@ -481,8 +483,8 @@ def prefill_inputs(seed, b, kh, t):
 def default_prefill_matches_xla(empty, k, v, lengths, precision="high"):
   """The default prefill (implementation=None: the kernels on a GPU, rotating at `precision`) against
   the XLA prefill."""
-  got = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n))(empty, k, v, lengths)
-  want = jax.jit(lambda c, k, v, n: C.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
+  got = jax.jit(lambda c, k, v, n: tq_ops.prefill(c, k, v, n))(empty, k, v, lengths)
+  want = jax.jit(lambda c, k, v, n: tq_ops.prefill(c, k, v, n, implementation="xla"))(empty, k, v, lengths)
   _check_caches(got, want, k, v, lengths, precision, gpu=True)
 
 

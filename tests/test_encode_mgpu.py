@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import use_abstract_mesh
 
 from pallas_kernels import dispatch, encode_gpu
+from kernel_paths import pallas_prefill
 from pallas_kernels import encode_mgpu as M
 from test_encode_kernel import (H100, _centred, _check, _inputs, _tols, default_prefill_matches_xla,
                                 gpu_encode_matches_xla, prefill_inputs)
@@ -177,7 +178,7 @@ def test_default_prefill_on_hopper_lowers_for_h100(monkeypatch):
   assert dispatch._mosaic_encode(empty.k.quantizer, k, empty.key_mean)
   lengths = jnp.asarray([640, 100], jnp.int32)
   with use_abstract_mesh(H100):
-    jax.jit(lambda c, k, v, n: dispatch.prefill(c, k, v, n)).trace(empty, k, k, lengths).lower(
+    jax.jit(lambda c, k, v, n: pallas_prefill(c, k, v, n)).trace(empty, k, k, lengths).lower(
         lowering_platforms=("cuda",))
 
 

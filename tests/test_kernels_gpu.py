@@ -18,9 +18,12 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 from pallas_kernels import decode_attention_gpu as K
+from kernel_paths import pallas_attention
 from pallas_kernels import dispatch
 from test_decode_mgpu import TOL as MOSAIC_TOL
 from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import partials as tq_partials
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm_l6_qkv.npz"
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
@@ -39,7 +42,7 @@ def _cache(rng, d, kb, vb, var, b, kh, s, lengths, nd="float32", center=True, wi
                       center_keys=center, window=window, seed=seed)
   k = jnp.asarray(rng.standard_normal((b, kh, s, d)) + 0.4, jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, kh, s, d)), jnp.float32)
-  return C.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray(lengths, jnp.int32))
+  return tq_ops.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray(lengths, jnp.int32))
 
 
 def _rel(a, b):
@@ -52,8 +55,8 @@ def _partials(cache, q, soft_cap, sliding_window, **kernel_options):
   b, hq, d = q.shape
   kh = cache.num_kv_heads
   qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, 1, d)
-  pq = C.prepare_query(cache, qg, 1.0 / math.sqrt(d))
-  lo, hi = C.query_ranges(cache, 1, sliding_window)
+  pq = tq_partials.prepare_query(cache, qg, 1.0 / math.sqrt(d))
+  lo, hi = tq_partials.query_ranges(cache, 1, sliding_window)
   got = K.decode_partial(cache, pq, lo, hi, soft_cap, poison=True, **kernel_options)
   want = K.decode_partial_reference(cache, pq, lo, hi, soft_cap)
   return got, want
@@ -172,8 +175,8 @@ def test_interpret_attention_through_dispatch_with_window():
   rng = np.random.default_rng(7)
   cache = _cache(rng, 64, 3, 2, "prod", 2, 2, 45, (45, 12), window=8)
   q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
-  got = dispatch.attention(cache, q, soft_cap=20.0, sliding_window=30, interpret=True)
-  want = C.attention(cache, q, soft_cap=20.0, sliding_window=30, implementation="xla")
+  got = pallas_attention(cache, q, soft_cap=20.0, sliding_window=30, interpret=True)
+  want = tq_ops.attention(cache, q, soft_cap=20.0, sliding_window=30, implementation="xla")
   assert not np.isnan(np.asarray(got)).any()
   assert _rel(got, want) < 2e-5
 
@@ -189,12 +192,12 @@ def test_interpret_minilm_real_data():
   cfg = C.CacheConfig(head_dim=32, k_bits=3, v_bits=3)
   k = jnp.asarray(keys[None, :, :s], jnp.float32)
   v = jnp.asarray(values[None, :, :s], jnp.float32)
-  cache = C.prefill(C.init_cache(cfg, 1, 12, s), k, v)
+  cache = tq_ops.prefill(C.init_cache(cfg, 1, 12, s), k, v)
   for t in (s - 1, 57):
     q = jnp.asarray(queries[None, :, t], jnp.float32)  # [1, 12, 32]
     c = dataclasses_replace_lengths(cache, t + 1)
-    got = dispatch.attention(c, q, interpret=True)
-    want = C.attention(c, q, implementation="xla")
+    got = pallas_attention(c, q, interpret=True)
+    want = tq_ops.attention(c, q, implementation="xla")
     assert not np.isnan(np.asarray(got)).any()
     assert _rel(got, want) < 1e-5
 
@@ -221,10 +224,10 @@ def test_dispatch_defaults_and_errors():
   ok, why = dispatch.supports(outl, "gpu")
   assert not ok and "outlier" in why
   with pytest.raises(ValueError, match="outlier"):
-    dispatch.attention(outl, jnp.zeros((1, 1, 64), jnp.float32), interpret=True)
+    pallas_attention(outl, jnp.zeros((1, 1, 64), jnp.float32), interpret=True)
   cfg = C.CacheConfig(head_dim=48, k_bits=3, v_bits=3)
   with pytest.raises(ValueError, match="head_dim=48"):
-    dispatch.attention(C.init_cache(cfg, 1, 1, 8), jnp.zeros((1, 1, 48), jnp.float32), interpret=True)
+    pallas_attention(C.init_cache(cfg, 1, 1, 8), jnp.zeros((1, 1, 48), jnp.float32), interpret=True)
   cfg = C.CacheConfig(head_dim=64, k_bits=6, v_bits=3)
   assert "1..4" in dispatch.supports(C.init_cache(cfg, 1, 1, 8), "gpu")[1]
 
@@ -249,7 +252,7 @@ def test_lowers_for_h100(case):
   cache = jax.eval_shape(lambda: C.init_cache(cfg, 2, 2, 1000))
   q = jax.ShapeDtypeStruct((2, 2 * g, d), jnp.float32)
   # dispatch.attention asks the (CPU) backend; lower the kernel path directly for the abstract GPU.
-  f = lambda c, q: C.chunked_attention(
+  f = lambda c, q: tq_ops.chunked_attention(
       c, q[:, :, None], soft_cap=30.0,
       partial_fn=lambda *a: K.decode_partial(*a, **options))[:, :, 0]
   with use_abstract_mesh(H100):
@@ -283,8 +286,8 @@ def test_gpu_compiled_matches_reference(case):
   got, want = jax.jit(lambda c, q: _partials(c, q, cap, sw, **extra))(cache, q)
   _check_partials(got, want, tol)  # tf32 dots: 2e-3; bf16 operands: 5e-3
   assert dispatch.default_implementation(cache) == "pallas"
-  out = jax.jit(lambda c, q: C.attention(c, q, soft_cap=cap, sliding_window=sw))(cache, q)
-  ref = jax.jit(lambda c, q: C.attention(c, q, soft_cap=cap, sliding_window=sw, implementation="xla"))(cache, q)
+  out = jax.jit(lambda c, q: tq_ops.attention(c, q, soft_cap=cap, sliding_window=sw))(cache, q)
+  ref = jax.jit(lambda c, q: tq_ops.attention(c, q, soft_cap=cap, sliding_window=sw, implementation="xla"))(cache, q)
   # The default is the Mosaic GPU kernel where it applies (bf16 value dot: its own bound, derived
   # in test_decode_mgpu), else this Triton kernel with tf32 dots.
   bound = MOSAIC_TOL if dispatch._mosaic_decode(cache, g) else 2e-3

@@ -23,6 +23,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention_tpu import decode_partial_reference, decode_partial_tpu
 from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import partials as tq_partials
 
 RTOL = 1e-5  # measured ≤ 1e-6 (float32 everywhere; the oracle uses HIGHEST-precision einsums)
 
@@ -81,7 +83,7 @@ def _kernel_and_oracle(cache, q, *, soft_cap, sliding_window, block_s, interpret
   """(out, m, l) of chunked_attention with the kernel and with the oracle: one compile per case."""
   pf = functools.partial(decode_partial_tpu, block_s=block_s, interpret=interpret)
   kw = dict(soft_cap=soft_cap, sliding_window=sliding_window, return_residuals=True)
-  return C.chunked_attention(cache, q, partial_fn=pf, **kw), C.chunked_attention(cache, q, **kw)
+  return tq_ops.chunked_attention(cache, q, partial_fn=pf, **kw), tq_ops.chunked_attention(cache, q, **kw)
 
 
 def _check_attention(cache, q, *, soft_cap=None, sliding_window=None, block_s=128, interpret=True):
@@ -137,7 +139,7 @@ def test_prefilled_cache_matches_oracle_poisoned_buffers():
   k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
   k = jax.random.normal(k1, (b, kh, cap, d), jnp.float32) + 0.5  # a mean for key centring to remove
   v = jax.random.normal(k2, (b, kh, cap, d), jnp.float32)
-  cache = jax.jit(C.prefill)(C.init_cache(cfg, b, kh, cap), k, v, jnp.asarray([0, 1, 200], jnp.int32))
+  cache = jax.jit(tq_ops.prefill)(C.init_cache(cfg, b, kh, cap), k, v, jnp.asarray([0, 1, 200], jnp.int32))
   q = jax.random.normal(k3, (b, kh * g, d), jnp.float32)
   _check_attention(cache, q, soft_cap=20.0, block_s=128, interpret=pltpu.InterpretParams())
 
@@ -150,7 +152,7 @@ def test_partial_contract_direct():
   cache = _random_cache(cfg, b, kh, cap, [cap] * b, seed=3)
   rng = np.random.default_rng(4)
   normal = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
-  pq = C.PreparedQuery((normal(b, kh, g, 1, d),), (normal(b, kh, g, 1, d),), normal(b, kh, g, 1))
+  pq = tq_partials.PreparedQuery((normal(b, kh, g, 1, d),), (normal(b, kh, g, 1, d),), normal(b, kh, g, 1))
   lo = jnp.asarray([[0], [130], [77], [200], [0]], jnp.int32)
   hi = jnp.asarray([[300], [131], [77], [10], [129]], jnp.int32)
   (acc,), m, l = decode_partial_tpu(cache, pq, lo, hi, 7.0, block_s=128, interpret=True)
@@ -186,7 +188,7 @@ def test_unsupported_configs_raise(cfg_kw, t, block_s, match):
   b, kh, g, d, cap = 2, 1, 1, 64, 256
   cache = C.init_cache(C.CacheConfig(head_dim=d, **cfg_kw), b, kh, cap)
   n = d - cache.config.outlier_channels
-  pq = C.PreparedQuery((jnp.zeros((b, kh, g, t, n), jnp.float32),), (None,), jnp.zeros((b, kh, g, t), jnp.float32))
+  pq = tq_partials.PreparedQuery((jnp.zeros((b, kh, g, t, n), jnp.float32),), (None,), jnp.zeros((b, kh, g, t), jnp.float32))
   lo = hi = jnp.zeros((b, t), jnp.int32)
   with pytest.raises(ValueError, match=match):
     decode_partial_tpu(cache, pq, lo, hi, None, block_s=block_s, interpret=True)
@@ -220,7 +222,7 @@ def _check_lowering(cfg, g, soft_cap):
   cache = C.init_cache(cfg, b, kh, cap)
   variant = cfg.k_variant
   q = jnp.zeros((b, kh, g, 1, d), jnp.float32)
-  pq = C.PreparedQuery((q,), (q,) if variant == "prod" else (None,), jnp.zeros((b, kh, g, 1), jnp.float32))
+  pq = tq_partials.PreparedQuery((q,), (q,) if variant == "prod" else (None,), jnp.zeros((b, kh, g, 1), jnp.float32))
   lo, hi = jnp.zeros((b, 1), jnp.int32), jnp.full((b, 1), cap, jnp.int32)
   f = functools.partial(decode_partial_tpu, soft_cap=soft_cap, block_s=512)
   lowered = jax.jit(f).trace(cache, pq, lo, hi).lower(lowering_platforms=("tpu",))
@@ -238,11 +240,11 @@ def test_dispatch_routes_tpu_to_this_kernel():
   assert dispatch.supports(cache, "tpu") == (True, "")
   ok, why = dispatch.supports(C.init_cache(C.CacheConfig(head_dim=d, outlier_channels=8), b, kh, 256), "tpu")
   assert not ok and "outlier_channels" in why
-  fn = dispatch._partial_fn(cache, g, "tpu", False, block_s=128)
+  fn = dispatch.decode_partial_fn(cache, g, backend="tpu", block_s=128)
   assert fn.func is decode_partial_tpu
   k, v = (jax.random.normal(jax.random.key(i), (b, kh, 200, d)) for i in (1, 2))
-  cache = C.prefill(cache, k, v, lengths=jnp.array([200, 57]))
+  cache = tq_ops.prefill(cache, k, v, lengths=jnp.array([200, 57]))
   q = jax.random.normal(jax.random.key(3), (b, kh * g, 1, d))
-  got = C.chunked_attention(cache, q, partial_fn=functools.partial(fn, interpret=True))
-  want = C.chunked_attention(cache, q)
+  got = tq_ops.chunked_attention(cache, q, partial_fn=functools.partial(fn, interpret=True))
+  want = tq_ops.chunked_attention(cache, q)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ nnx = pytest.importorskip("flax.nnx")
 linen = pytest.importorskip("flax.linen")
 
 from tqjax import cache as tqcache  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
 from tqjax import nn as tqnn  # noqa: E402
 from tqjax.cache import CacheConfig  # noqa: E402
 
@@ -70,13 +71,13 @@ def test_layer_equals_functional_cache_attention():
     o = lambda a: layer.o_proj(a.transpose(0, 2, 1, 3).reshape(a.shape[0], a.shape[2], N * H))
     c = tqcache.init_cache(CFG, B, K, CAP)
     _, k, v = rope_qkv(x[:, :P], pos(0, P))
-    c = tqcache.prefill(c, k, v)
+    c = tq_ops.prefill(c, k, v)
     q, k, v = rope_qkv(x[:, P:P + 1], pos(P, P + 1))
     c = tqcache.append(c, k, v)
-    ref1 = o(tqcache.attention(c, q[:, :, 0], implementation="xla")[:, :, None])
+    ref1 = o(tq_ops.attention(c, q[:, :, 0], implementation="xla")[:, :, None])
     q, k, v = rope_qkv(x[:, P + 1:P + 3], pos(P + 1, P + 3))
     c = tqcache.append(c, k, v)
-    return ref1, o(tqcache.chunked_attention(c, q))
+    return ref1, o(tq_ops.chunked_attention(c, q))
 
   ref1, ref2 = reference(x)
   np.testing.assert_allclose(y1, ref1, atol=1e-5, rtol=1e-5)

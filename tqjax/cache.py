@@ -1,26 +1,26 @@
-"""The compressed KV cache: a pytree of TurboQuant codes, and reference (XLA) attention over it.
+"""The compressed KV cache: storage of TurboQuant codes and the ops that write it.
+
+Owns `CacheConfig`, the `KVCache` pytree, `init_cache`, the write path (`prefill_with_encoder`,
+`append`, `append_checked`), byte accounting and partition specs. Reading it (attention) is
+`tqjax.partials` (the kernel contract) and `tqjax.ops` (the public entry, which also
+holds `prefill` with its choice of encode implementation).
 
 Layout (batch and kv heads lead, so a `NamedSharding` over heads needs no communication):
 
-  k, v: `Store`   codes uint32 [B, K, S, words], scales [B, K, S] (+ QJL signs [B, K, S, words_m]
+  k, v: `Store`   codes uint32 [B, K, S, words], norms [B, K, S] (+ QJL signs [B, K, S, words_m]
                   and residual norms [B, K, S] for prod keys; + an outlier-channel `Code` and the
-                  channel permutation [B, K, D] when outlier channels are on)
+                  channel permutation [B, K, H] when outlier channels are on)
   lengths         int32 [B], tokens written per sequence (Gemma's `end_index`)
-  key_mean        float32 [B, K, D] when `center_keys` (found at prefill), else None
-  window_k/v      [B, K, W, D] ring buffer of the most recent W tokens in full precision, else None
+  key_mean        float32 [B, K, H] when `center_keys` (found at prefill), else None
+  window_k/v      [B, K, W, H] ring buffer of the most recent W tokens in full precision, else None
 
-Attention never forms dequantized keys or values for the whole cache: the query is rotated once
-(Π·q, and S·Π·q for prod keys), logits come from codes and scales block by block under an
-online softmax, values are accumulated in rotated space and un-rotated once per query.
-Einsum letters: B batch, K kv heads, G query heads per kv head, T query tokens, S cache slots,
-D head dim.
+Shapes: B batch, K kv heads, T new tokens, S cache slots, H head dim, W window.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,20 +28,33 @@ import numpy as np
 from jax.experimental import checkify
 
 from tqjax.codebook import check_bits
-from tqjax.qjl import project, signs as qjl_signs
 from tqjax.quantizer import (
     Code,
     Quantizer,
     QuantizerConfig,
     bits_per_coordinate,
-    codebook_direction,
     encode,
     quantizer_from_config,
 )
-from tqjax.rotation import rotate, unrotate
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
-_HIGHEST = jax.lax.Precision.HIGHEST
+__all__ = [
+    "CacheConfig",
+    "Store",
+    "KVCache",
+    "init_cache",
+    "encode_tokens",
+    "prefill_with_encoder",
+    "append",
+    "append_checked",
+    "partition_specs",
+    "nbytes",
+    "constants_nbytes",
+    "expected_nbytes",
+    "bits_per_coordinate_kv",
+    "scatter_tokens",
+    "write_prefix",
+    "split_channels",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +62,7 @@ class CacheConfig:
   """Static configuration of a compressed KV cache (validated on construction).
 
   The defaults are the recommended configuration measured in experiments/kv_fidelity.py:
-  K4/V4 mse with norm correction, key centring and float16 scales (float16 scales overflow to
+  K4/V4 mse with norm correction, key centring and float16 norms (float16 norms overflow to
   inf for vectors with norm above 65504: use norm_dtype="float32" or "bfloat16" for such data).
 
   k_bits / v_bits: total bits per coordinate of keys / values (prod keys: bits − 1 codebook + 1 QJL).
@@ -214,6 +227,8 @@ def init_cache(config: CacheConfig, batch_size: int, num_kv_heads: int, capacity
 def _check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
   b, h, d = cache.batch_size, cache.num_kv_heads, cache.config.head_dim
   for name, x in (("k", k), ("v", v)):
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      raise TypeError(f"{op}: {name} must be an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{op}: {name} must be floating point, got {name}.dtype={x.dtype}")
     if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (b, h, d):
@@ -249,7 +264,7 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
   return new if t == dst.shape[2] else dst.at[:, :, :t].set(new)
 
 
-def _split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
+def split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
   """x [B, K, ..., D] → (main channels [..., D − n_out], outlier channels [..., n_out] or None).
 
   perm [B, K, D] is the store's channel permutation (outliers first).
@@ -279,7 +294,7 @@ def _write_store(store: Store, x: jax.Array, put, n_out: int, mean, encoder) -> 
     return dataclasses.replace(store, main=jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, x, mean)))
   if mean is not None:  # the channel split permutes channels per head: centre first
     x = x.astype(jnp.float32) - mean[:, :, None, :]
-  main, out = _split_channels(x, store.perm, n_out)
+  main, out = split_channels(x, store.perm, n_out)
   new_main = jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, main, None))
   new_out = jax.tree_util.tree_map(put, store.outlier, encoder(store.outlier_quantizer, out, None))
   return dataclasses.replace(store, main=new_main, outlier=new_out)
@@ -312,13 +327,24 @@ def _write(
   return new
 
 
-def _valid_count(lengths, t: int, b: int, op: str) -> jax.Array:
-  if lengths is None:
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
+  """counts [B] of real tokens among T (None: all T) → int32 [B].
+
+  Concrete counts outside [0, T] raise ValueError naming them; traced ones (under jit) are
+  clipped to [0, T] at run time, since only run-time values can tell.
+  """
+  if counts is None:
     return jnp.full((b,), t, jnp.int32)
-  lengths = jnp.asarray(lengths)
-  if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"{op}: lengths must be integers of shape [{b}], got {lengths.dtype} {lengths.shape}")
-  return jnp.clip(lengths.astype(jnp.int32), 0, t)
+  counts = jnp.asarray(counts)
+  if counts.shape != (b,) or not jnp.issubdtype(counts.dtype, jnp.integer):
+    raise ValueError(f"{op}: {name} must be integers of shape [{b}], got {name}.dtype={counts.dtype} {name}.shape={counts.shape}")
+  if _is_concrete(counts) and (np.any(np.asarray(counts) < 0) or np.any(np.asarray(counts) > t)):
+    raise ValueError(f"{op}: {name} must lie in [0, T={t}] (T = tokens given), got {name}={np.asarray(counts).tolist()}")
+  return jnp.clip(counts.astype(jnp.int32), 0, t)
 
 
 def _masked_mean(x: jax.Array, count: jax.Array) -> jax.Array:
@@ -337,44 +363,21 @@ def _outlier_perm(x: jax.Array, count: jax.Array, n_out: int) -> jax.Array:
   return jnp.concatenate([jnp.sort(top, axis=-1), rest], axis=-1)
 
 
-def prefill(
-    cache: KVCache,
-    k: jax.Array,
-    v: jax.Array,
-    lengths: jax.Array | None = None,
-    *,
-    implementation: str | None = None,
-) -> KVCache:
-  """Starts every sequence afresh with T prompt tokens k, v [B, K, T, D] (T ≤ capacity).
-
-  lengths [B] (optional, ≤ T): how many of the T tokens are real per sequence (right padding).
-  The key mean (center_keys) and the outlier channels are found here from the real tokens.
-  implementation: None encodes with the fused Pallas kernel on GPU where it supports the
-  quantizers (XLA for the rest) and with XLA elsewhere; "pallas" insists on the kernel for
-  every encode (ValueError naming the reason if it can't); "xla" never uses it.
-  """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
-  _check_kv(cache, k, v, "prefill")
-  if implementation == "xla":
-    return prefill_with_encoder(cache, k, v, lengths)
-  from pallas_kernels import dispatch  # lazy: tqjax must import without Pallas backends
-
-  if implementation is None:
-    if dispatch.default_prefill_implementation(cache, (k.dtype, v.dtype)) == "xla":
-      return prefill_with_encoder(cache, k, v, lengths)
-    return dispatch.prefill(cache, k, v, lengths, xla_fallback=True)
-  return dispatch.prefill(cache, k, v, lengths)
-
-
 def prefill_with_encoder(
     cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens
 ) -> KVCache:
-  """`prefill` with `encoder(tq, x, mean)` in place of `encode_tokens` (same contract), which is
-  how fused encode kernels plug in (`pallas_kernels.dispatch.prefill`)."""
+  """Starts every sequence afresh with T prompt tokens k, v [B, K, T, H] (T ≤ capacity), each
+  encoded with `encoder(tq, x, mean)` (the contract of `encode_tokens`, the XLA default; fused
+  encode kernels come from `pallas_kernels.dispatch.prefill_encoder`). `tqjax.prefill` picks
+  the encoder by `implementation`.
+
+  lengths [B] (optional, in [0, T]): how many of the T tokens are real per sequence (right
+  padding). The key mean (center_keys) and the outlier channels are found here from the real
+  tokens.
+  """
   _check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
-  count = _valid_count(lengths, t, b, "prefill")
+  count = _valid_count(lengths, t, b, "prefill", "lengths")
   new = cache
   if cache.key_mean is not None:
     new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
@@ -390,16 +393,29 @@ def prefill_with_encoder(
   return _write(new, k, v, jnp.zeros((b,), jnp.int32), count, encoder, prefix=True)
 
 
-def append(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None) -> KVCache:
-  """Appends tokens k, v [B, K, T, D] at each sequence's own position (its current length).
-
-  num_new [B] (optional, ≤ T): how many of the T tokens are real per sequence. Tokens that would
-  land past the capacity are dropped and `lengths` saturates at the capacity; use
-  `append_checked` to get an error instead (inside jit only run-time values can tell).
-  """
+def _append(cache: KVCache, k: jax.Array, v: jax.Array, num_new) -> tuple[KVCache, jax.Array]:
+  """Validated append: (new cache, the end lengths + count [B] before saturation)."""
   _check_kv(cache, k, v, "append")
-  count = _valid_count(num_new, k.shape[2], cache.batch_size, "append")
-  return _write(cache, k, v, cache.lengths, count)
+  count = _valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
+  return _write(cache, k, v, cache.lengths, count), cache.lengths + count
+
+
+def append(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None) -> KVCache:
+  """Appends tokens k, v [B, K, T, H] at each sequence's own position (its current length).
+
+  num_new [B] (optional, in [0, T]): how many of the T tokens are real per sequence.
+  Past the capacity: with concrete lengths (outside jit) a ValueError names the overflowing
+  sequences; under jit, where only run-time values can tell, the tokens past the capacity are
+  dropped and `lengths` saturates at the capacity — use `append_checked` to get an error there.
+  """
+  new, end = _append(cache, k, v, num_new)
+  if _is_concrete(end) and np.any(np.asarray(end) > cache.capacity):
+    over = np.flatnonzero(np.asarray(end) > cache.capacity).tolist()
+    raise ValueError(
+        f"append past capacity={cache.capacity}: lengths + new tokens = {np.asarray(end).tolist()} "
+        f"(sequences {over})"
+    )
+  return new
 
 
 def append_checked(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None = None):
@@ -409,15 +425,13 @@ def append_checked(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Arra
   """
 
   def checked(cache, k, v, num_new):
-    _check_kv(cache, k, v, "append")
-    count = _valid_count(num_new, k.shape[2], cache.batch_size, "append")
-    end = cache.lengths + count
+    new, end = _append(cache, k, v, num_new)
     checkify.check(
         jnp.all(end <= cache.capacity),
         "append past capacity: lengths + new tokens = {end} exceed capacity " + str(cache.capacity),
         end=end,
     )
-    return append(cache, k, v, num_new)
+    return new
 
   return checkify.checkify(checked)(cache, k, v, num_new)
 
@@ -479,275 +493,3 @@ def bits_per_coordinate_kv(config: CacheConfig) -> tuple[float, float]:
       bits += bits_per_coordinate(qc) * qc.dim
     out.append(bits / config.head_dim)
   return out[0], out[1]
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=("q", "sq", "offset"), meta_fields=()
-)
-@dataclasses.dataclass(frozen=True)
-class PreparedQuery:
-  """Per-query work done once, in the key stores' spaces.
-
-  q:      tuple (main[, outlier]) of rotated, scaled queries [B, K, G, T, d_part].
-  sq:     tuple of QJL projections S·q [B, K, G, T, m] (None for mse keys).
-  offset: [B, K, G, T] logit offset q·μ·scale from key centring (zeros without it).
-  """
-
-  q: tuple
-  sq: tuple
-  offset: jax.Array
-
-
-def prepare_query(cache: KVCache, q: jax.Array, scale: float) -> PreparedQuery:
-  """q [B, K, G, T, D] (float32, unscaled) → rotated, scaled parts for the key stores."""
-  qs = q * jnp.float32(scale)
-  offset = jnp.zeros(q.shape[:-1], jnp.float32)
-  if cache.key_mean is not None:  # q·(k − μ) + q·μ: one dot per query keeps logits exact
-    offset = jnp.einsum("bkgtd,bkd->bkgt", qs, cache.key_mean, precision=_HIGHEST)
-  store = cache.k
-  parts = _split_channels(qs, store.perm, cache.config.outlier_channels)
-  rot, sq = [], []
-  for tq, part in zip((store.quantizer, store.outlier_quantizer), parts):
-    if part is None:
-      continue
-    qr = rotate(tq.rotation, part)
-    rot.append(qr)
-    sq.append(project(tq.qjl, qr) if tq.qjl is not None else None)
-  return PreparedQuery(tuple(rot), tuple(sq), offset)
-
-
-def _code_slice(code: Code, start, size: int) -> Code:
-  return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=2), code)
-
-
-def _block_logits(tq: Quantizer, code: Code, q_rot: jax.Array, sq: jax.Array | None) -> jax.Array:
-  """Logits [B, K, G, T, N] of rotated queries [B, K, G, T, d] against a block of N codes."""
-  y_hat = codebook_direction(tq, code.codes)  # [B, K, N, d]: one block, never the whole cache
-  ip = jnp.einsum("bkgtd,bknd->bkgtn", q_rot, y_hat, precision=_HIGHEST)
-  if sq is not None:
-    s = qjl_signs(tq.qjl, code.qjl_signs)
-    qjl = jnp.einsum("bkgtm,bknm->bkgtn", sq, s, precision=_HIGHEST)
-    ip = ip + qjl * (code.residual_norms.astype(jnp.float32) / (tq.qjl.kappa * tq.qjl.sketch_dim))[:, :, None, None, :]
-  return ip * code.norms.astype(jnp.float32)[:, :, None, None, :]
-
-
-def _block_values(tq: Quantizer, code: Code, p: jax.Array) -> jax.Array:
-  """Σ_n p[..., n]·scale_n·ŷ_n in rotated space: p [B, K, G, T, N] → [B, K, G, T, d]."""
-  y_hat = codebook_direction(tq, code.codes) * code.norms.astype(jnp.float32)[..., None]
-  return jnp.einsum("bkgtn,bknd->bkgtd", p, y_hat, precision=_HIGHEST)
-
-
-def _cap(logits: jax.Array, soft_cap: float | None) -> jax.Array:
-  if soft_cap is None:
-    return logits
-  return jnp.float32(soft_cap) * jnp.tanh(logits / jnp.float32(soft_cap))
-
-
-def compressed_partial_reference(cache, pq, lo, hi, soft_cap, block_size=1024):
-  """Online softmax over compressed slots n with lo ≤ n < hi (lo, hi [B, T]), in blocks.
-
-  The contract every fused kernel implements (`pallas_kernels`): given the prepared query,
-  returns (accs, m, l) with accs a tuple (main[, outlier]) of UNnormalized Σ p·scale·ŷ in the
-  value stores' rotated spaces [B, K, G, T, d_part], m the running max and l the sum of
-  exp(logit − m) [B, K, G, T]. An empty range gives m = −inf, l = 0, accs = 0.
-  """
-  b, kh = cache.batch_size, cache.num_kv_heads
-  g, t = pq.offset.shape[2], pq.offset.shape[3]
-  n_blk = min(block_size, cache.capacity)
-  num_blocks = -(-cache.capacity // n_blk)
-  kstores = [(cache.k.quantizer, cache.k.main), (cache.k.outlier_quantizer, cache.k.outlier)]
-  vstores = [(cache.v.quantizer, cache.v.main), (cache.v.outlier_quantizer, cache.v.outlier)]
-  kstores = [s for s in kstores if s[1] is not None]
-  vstores = [s for s in vstores if s[1] is not None]
-
-  def body(i, carry):
-    accs, m, l = carry
-    start = jnp.minimum(i * n_blk, cache.capacity - n_blk)  # dynamic_slice would clamp anyway
-    slots = start + jnp.arange(n_blk)
-    logits = pq.offset[..., None]
-    for (tq, code), q_rot, sq in zip(kstores, pq.q, pq.sq):
-      logits = logits + _block_logits(tq, _code_slice(code, start, n_blk), q_rot, sq)
-    logits = _cap(logits, soft_cap)
-    # A clamped last block re-reads slots of the previous one: count each slot once.
-    ok = (slots >= i * n_blk)[None, None, :] & (slots[None, None, :] >= lo[..., None]) & (slots[None, None, :] < hi[..., None])
-    logits = jnp.where(ok[:, None, None, :, :], logits, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.exp(logits - m_safe[..., None])
-    corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-    l = l * corr + jnp.sum(p, axis=-1)
-    accs = tuple(
-        acc * corr[..., None] + _block_values(tq, _code_slice(code, start, n_blk), p)
-        for acc, (tq, code) in zip(accs, vstores)
-    )
-    return accs, m_new, l
-
-  accs0 = tuple(jnp.zeros((b, kh, g, t, tq.dim), jnp.float32) for tq, _ in vstores)
-  m0 = jnp.full((b, kh, g, t), -jnp.inf, jnp.float32)
-  l0 = jnp.zeros((b, kh, g, t), jnp.float32)
-  # The first block runs outside the loop: under shard_map its carry is varying over the mesh
-  # axes of the inputs, which the constant initial values are not (the loop needs both equal).
-  return jax.lax.fori_loop(1, num_blocks, body, body(0, (accs0, m0, l0)))
-
-
-def _finish_values(cache: KVCache, accs: tuple, l: jax.Array) -> jax.Array:
-  """Normalizes accumulated values by l, un-rotates them once and undoes the channel split:
-  → [B, K, G, T, D]. The division comes before the (linear) un-rotation so that XLA may fuse it
-  into the fusion that finishes a kernel's output (the Triton kernel's split merge, the Mosaic
-  GPU kernel's un-permutation) instead of running it as a kernel of its own."""
-  denom = jnp.where(l > 0, l, 1.0)[..., None]
-  outs = [unrotate(tq.rotation, acc / denom) for acc, tq in zip(accs, (cache.v.quantizer, cache.v.outlier_quantizer))]
-  o = outs[0] if len(outs) == 1 else jnp.concatenate([outs[1], outs[0]], axis=-1)
-  if cache.v.perm is not None:
-    order = jnp.argsort(cache.v.perm, axis=-1)[:, :, None, None, :]
-    o = jnp.take_along_axis(o, jnp.broadcast_to(order, o.shape), axis=-1)
-  return o
-
-
-def _window_partial(cache, qs, lo, hi, soft_cap):
-  """Exact attention over the full-precision ring: (o [B,K,G,T,D] normalized, m, l)."""
-  w = cache.config.window
-  ring_slots = jnp.arange(w)
-  end = cache.lengths[:, None]
-  # Slot j holds the token at the largest position p < end with p ≡ j (mod w).
-  pos = end[..., None] - 1 - ((end[..., None] - 1 - ring_slots) % w)  # [B, 1, W]
-  ok = (pos >= 0) & (pos >= lo[..., None]) & (pos < hi[..., None])  # [B, T, W]
-  logits = jnp.einsum("bkgtd,bkwd->bkgtw", qs, cache.window_k.astype(jnp.float32), precision=_HIGHEST)
-  logits = jnp.where(ok[:, None, None], _cap(logits, soft_cap), -jnp.inf)
-  m = jnp.max(logits, axis=-1)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(logits - m_safe[..., None])
-  l = jnp.sum(p, axis=-1)
-  o = jnp.einsum("bkgtw,bkwd->bkgtd", p, cache.window_v.astype(jnp.float32), precision=_HIGHEST)
-  return o / jnp.where(l > 0, l, 1.0)[..., None], m, l
-
-
-def merge_partials(o1, m1, l1, o2, m2, l2):
-  """Combines two normalized softmax partials (o [..., D], running max m [...], sum l [...])."""
-  m = jnp.maximum(m1, m2)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  w1 = jnp.where(jnp.isfinite(m1), jnp.exp(m1 - m_safe), 0.0) * l1
-  w2 = jnp.where(jnp.isfinite(m2), jnp.exp(m2 - m_safe), 0.0) * l2
-  tot = w1 + w2
-  o = (o1 * w1[..., None] + o2 * w2[..., None]) / jnp.where(tot > 0, tot, 1.0)[..., None]
-  return o, m, tot
-
-
-def _check_query(cache: KVCache, q: jax.Array, op: str) -> None:
-  d, b, kh = cache.config.head_dim, cache.batch_size, cache.num_kv_heads
-  if not jnp.issubdtype(q.dtype, jnp.floating):
-    raise TypeError(f"{op}: q must be floating point, got q.dtype={q.dtype}")
-  if q.ndim != 4 or q.shape[0] != b or q.shape[-1] != d:
-    raise ValueError(f"{op}: q must be [batch={b}, q_heads, tokens, head_dim={d}], got q.shape={q.shape}")
-  if q.shape[1] % kh:
-    raise ValueError(f"{op}: q_heads={q.shape[1]} must be a multiple of the cache's kv_heads={kh}")
-
-
-def query_ranges(cache: KVCache, t: int, sliding_window: int | None, causal: bool = True):
-  """Per query token: attended slots [lo, hi) [B, T] for T queries, the last T cached tokens.
-
-  Causal: query t sees slots < lengths − T + t + 1; otherwise every query sees slots < lengths.
-  """
-  offsets = jnp.arange(t, dtype=jnp.int32)[None, :] - t + 1 if causal else jnp.zeros((1, t), jnp.int32)
-  hi = jnp.clip(cache.lengths[:, None] + offsets, 0, cache.capacity)
-  lo = jnp.zeros_like(hi) if sliding_window is None else jnp.maximum(hi - sliding_window, 0)
-  return lo, hi
-
-
-def chunked_attention(
-    cache: KVCache,
-    q: jax.Array,
-    *,
-    scale: float | None = None,
-    soft_cap: float | None = None,
-    sliding_window: int | None = None,
-    causal: bool = True,
-    block_size: int = 1024,
-    return_residuals: bool = False,
-    partial_fn=None,
-):
-  """Attention of a block of T queries q [B, Hq, T, D] whose tokens were just appended.
-
-  Query t sits at position lengths − T + t and attends to positions ≤ its own (and, with a
-  sliding window, to the last `sliding_window` of those). causal=False lets every query see
-  all `lengths` tokens (bidirectional encoders). Hq must be a multiple of the cache's
-  kv heads (GQA/MQA). Returns [B, Hq, T, D] in q's dtype (and, with return_residuals, the
-  softmax max and sum [B, Hq, T] for merging with other partials). partial_fn replaces
-  `compressed_partial_reference` (same contract), which is how fused kernels plug in.
-  """
-  _check_query(cache, q, "attention")
-  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
-    raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window=}")
-  b, hq, t, d = q.shape
-  kh = cache.num_kv_heads
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
-  qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, t, d)
-  lo, hi = query_ranges(cache, t, sliding_window, causal)
-  pq = prepare_query(cache, qg, scale)
-  c_hi = hi if not cache.config.window else jnp.minimum(hi, jnp.maximum(cache.lengths[:, None] - cache.config.window, 0))
-  if partial_fn is None:
-    accs, m, l = compressed_partial_reference(cache, pq, lo, c_hi, soft_cap, block_size)
-  else:
-    accs, m, l = partial_fn(cache, pq, lo, c_hi, soft_cap)
-  o = _finish_values(cache, accs, l)
-  if cache.config.window:
-    w_lo = jnp.maximum(lo, c_hi)
-    o2, m2, l2 = _window_partial(cache, qg * jnp.float32(scale), w_lo, hi, soft_cap)
-    o, m, l = merge_partials(o, m, l, o2, m2, l2)
-  out = o.reshape(b, hq, t, d).astype(q.dtype)
-  if return_residuals:
-    return out, m.reshape(b, hq, t), l.reshape(b, hq, t)
-  return out
-
-
-def attention(
-    cache: KVCache,
-    q: jax.Array,
-    *,
-    scale: float | None = None,
-    soft_cap: float | None = None,
-    sliding_window: int | None = None,
-    implementation: str | None = None,
-) -> jax.Array:
-  """Decode attention of one query per sequence, q [B, Hq, D], over the cache → [B, Hq, D].
-
-  The query is the newest token (already appended): it sees positions < lengths[b]. scale
-  defaults to 1/√D; soft_cap applies cap·tanh(logit/cap); sliding_window limits the span.
-  implementation: None picks the fused Pallas kernel on GPU/TPU and "xla" elsewhere.
-  """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
-  if q.ndim != 3:
-    raise ValueError(f"attention: q must be [batch, q_heads, head_dim], got q.shape={q.shape}")
-  if implementation is None:
-    from pallas_kernels import dispatch  # lazy: tqjax must import without Pallas backends
-
-    implementation = dispatch.default_implementation(cache)
-  if implementation == "pallas":
-    from pallas_kernels import dispatch
-
-    return dispatch.attention(cache, q, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
-  return chunked_attention(cache, q[:, :, None, :], scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)[:, :, 0]
-
-
-def scores(cache: KVCache, q: jax.Array, *, scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
-  """Raw (scaled, capped) logits of q [B, Hq, D] against every slot → [B, Hq, S]; −inf past lengths."""
-  if q.ndim != 3:
-    raise ValueError(f"scores: q must be [batch, q_heads, head_dim], got q.shape={q.shape}")
-  _check_query(cache, q[:, :, None, :], "scores")
-  b, hq, d = q.shape
-  kh = cache.num_kv_heads
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
-  qg = q.astype(jnp.float32).reshape(b, kh, hq // kh, 1, d)
-  pq = prepare_query(cache, qg, scale)
-  logits = pq.offset[..., None]
-  for tq, code, q_rot, sq in zip(
-      (cache.k.quantizer, cache.k.outlier_quantizer), (cache.k.main, cache.k.outlier), pq.q, pq.sq
-  ):
-    logits = logits + _block_logits(tq, code, q_rot, sq)
-  logits = _cap(logits, soft_cap)[:, :, :, 0]
-  valid = jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None]
-  return jnp.where(valid[:, None, None], logits, -jnp.inf).reshape(b, hq, cache.capacity)

@@ -127,11 +127,11 @@ class TurboQuantKVCache:
   """
 
   def __init__(self, config: TurboQuantConfig, num_heads: int = 1, capacity: int = 4096, value_bits: int | None = None):
-    from tqjax import cache as _cache  # the cache imports the quantizer: keep compat's import light
+    from tqjax import cache as _cache, ops as _ops  # keep compat's import light
 
     if not isinstance(config, TurboQuantConfig):
       raise TypeError(f"expected a TurboQuantConfig, got {type(config).__name__}")
-    self._c = _cache
+    self._c, self._a = _cache, _ops
     self.config = config
     self.num_heads = num_heads
     self.cache_config = _cache.CacheConfig(
@@ -177,11 +177,11 @@ class TurboQuantKVCache:
 
   def attention_scores(self, query) -> jax.Array:
     """Estimated inner products ⟨query, key_t⟩ for every cached token: [num_heads, len(self)]."""
-    return self._c.scores(self.state, self._query(query), scale=1.0)[0, :, : len(self)]
+    return self._a.scores(self.state, self._query(query), scale=1.0)[0, :, : len(self)]
 
   def attention(self, query, scale: float | None = None) -> jax.Array:
     """softmax(q·kᵀ·scale)·v over the cached tokens (scale defaults to 1/√d): [num_heads, d]."""
-    return self._c.attention(self.state, self._query(query), scale=scale, implementation="xla")[0]
+    return self._a.attention(self.state, self._query(query), scale=scale, implementation="xla")[0]
 
   def memory_bytes(self) -> int:
     """Bytes resident in the cache arrays (all `capacity` slots)."""

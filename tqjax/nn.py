@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from tqjax import cache as tqcache
+from tqjax import ops as tq_ops
 from tqjax.cache import CacheConfig, KVCache
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -234,7 +235,7 @@ def _attend(spec: _Spec, cache, q, k, v, *, mode: str, lengths):
       return out, None
     if isinstance(cache, DenseKVCache):
       return out, dense_prefill(cache, kt, vt, count)
-    return out, tqcache.prefill(cache, kt, vt, count)
+    return out, tq_ops.prefill(cache, kt, vt, count)
 
   # decode
   if cache is None:
@@ -259,9 +260,9 @@ def _attend(spec: _Spec, cache, q, k, v, *, mode: str, lengths):
   else:
     cache = tqcache.append(cache, kt, vt)
     if t == 1 and spec.causal:
-      out = tqcache.attention(cache, qh[:, :, 0], implementation=spec.implementation, **opts)[:, :, None]
+      out = tq_ops.attention(cache, qh[:, :, 0], implementation=spec.implementation, **opts)[:, :, None]
     else:
-      out = tqcache.chunked_attention(cache, qh, causal=spec.causal, **opts)
+      out = tq_ops.chunked_attention(cache, qh, causal=spec.causal, **opts)
   return out.transpose(0, 2, 1, 3).astype(q.dtype), cache
 
 
@@ -303,8 +304,8 @@ def _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, *, 
     raise ValueError(f"cache_config.head_dim={cache_config.head_dim} must equal the layer's head_dim={head_dim}")
   if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
     raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window=}")
-  if implementation not in tqcache.IMPLEMENTATIONS:
-    raise ValueError(f"{implementation=} must be one of {tqcache.IMPLEMENTATIONS}")
+  if implementation not in tq_ops.IMPLEMENTATIONS:
+    raise ValueError(f"{implementation=} must be one of {tq_ops.IMPLEMENTATIONS}")
   return _Spec(int(num_heads), int(num_kv_heads), int(head_dim), bool(use_rope), float(rope_base), bool(causal),
                sliding_window, soft_cap, float(1.0 / math.sqrt(head_dim) if scale is None else scale), implementation)
 
