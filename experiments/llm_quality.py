@@ -98,7 +98,7 @@ def q4_0(x):
 
 def make_cache_spec(name: str, head_dim: int):
   """name → (CacheConfig or None, transform or None, (k bits, v bits) per coordinate)."""
-  from tqjax.cache import CacheConfig, bits_per_coordinate_kv  # noqa: PLC0415
+  from tqjax import CacheConfig, bits_per_coordinate_kv  # noqa: PLC0415
 
   if name == "bf16":
     return None, None, (16.0, 16.0)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tqjax.cache import CacheConfig, KVCache, append, chunked_attention, init_cache, prefill
+from tqjax import CacheConfig, append, chunked_attention, init_cache, prefill
 from tqjax.models.gguf import DecoderConfig, Weights
 
 __all__ = ["Decoder", "DenseCache", "init_caches", "step", "generate", "cache_nbytes"]
@@ -240,13 +240,18 @@ def cache_nbytes(caches: list) -> int:
 
 
 def generate(model: Decoder, prompts: list[list[int]], max_new: int, cache_config: CacheConfig | None = None, *,
-             temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+             temperature: float = 0.0, seed: int = 0, pad_to: int | None = None) -> list[list[int]]:
   """Samples max_new tokens after each prompt (ragged; greedy when temperature == 0), stopping a
-  sequence at EOS. Returns the new tokens of each prompt."""
+  sequence at EOS. Returns the new tokens of each prompt. pad_to: pad prompts to this many
+  tokens (default the longest), so that batches of other lengths reuse the compiled steps."""
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature=}")
   cfg = model.cfg
   b, t = len(prompts), max(len(p) for p in prompts)
+  if pad_to is not None:
+    if pad_to < t:
+      raise ValueError(f"{pad_to=} is shorter than the longest prompt ({t} tokens)")
+    t = pad_to
   tokens = np.zeros((b, t), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, : len(p)] = p
