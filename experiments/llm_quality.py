@@ -41,6 +41,8 @@ TQ_CONFIGS = {
     "k3v2": dict(k_bits=3, v_bits=2),
     "k2v2": dict(k_bits=2, v_bits=2),
     "k5v3": dict(k_bits=5, v_bits=3),
+    "k5v4": dict(k_bits=5, v_bits=4),
+    "k5v5": dict(k_bits=5, v_bits=5),
     "prod_k3": dict(k_bits=3, v_bits=3, k_variant="prod"),
     # Outlier mixes: half the channels (highest RMS at prefill) at one more bit, i.e. 2.5 / 3.5
     # code bits per coordinate. The paper's split (a quarter of 128 channels at +1 bit) leaves 48
