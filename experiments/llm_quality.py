@@ -353,10 +353,11 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="results file stem (default llm_quality_<what>_<model>)")
   args = p.parse_args(argv)
+  commit = _git_commit()  # the code that runs, taken before the (long) run
   res = {"ppl": run_ppl, "passkey": run_passkey, "generate": run_generate, "gpu": run_gpu}[args.what](args)
   import jax  # noqa: PLC0415
 
-  res.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=_git_commit(),
+  res.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
              device=_cpu() if jax.default_backend() == "cpu" else str(jax.devices()[0]), backend=jax.default_backend(),
              argv=sys.argv[1:])
   stem = RESULTS / (args.out or f"llm_quality_{args.what}_{args.model}")
