@@ -1,10 +1,10 @@
 """Decode-attention benchmark: TurboQuant fused kernel vs bf16 / int8 / cuDNN baselines.
 
-  PYTHONPATH=. python experiments/bench_decode.py            # GPU: checks + full table
-  PYTHONPATH=. python experiments/bench_decode.py --quick    # CPU smoke run (XLA paths, tiny shapes)
-  PYTHONPATH=. python experiments/bench_decode.py --pipelined 20  # dispatch 20 calls per sample, sync once
-  PYTHONPATH=. python experiments/bench_decode.py --pipelined 20 --headline --only S=32k  # baselines + default kernel
-  PYTHONPATH=. python experiments/bench_decode.py --plot-from results/bench_decode_X.json  # re-plot a run
+  python -m experiments.bench_decode            # GPU: checks + full table (minutes per shape)
+  python -m experiments.bench_decode --quick    # CPU smoke run (XLA paths, tiny shapes, ~1 min)
+  python -m experiments.bench_decode --pipelined 20  # dispatch 20 calls per sample, sync once
+  python -m experiments.bench_decode --pipelined 20 --headline --only S=32k  # baselines + default kernel
+  python -m experiments.bench_decode --plot-from results-local/bench_decode_X.json  # re-plot a run
 
 In one process: the card's copy bandwidth (x + 1 on a large array, read + write), XLA dense bf16
 attention, cuDNN bf16 (`jax.nn.dot_product_attention(implementation="cudnn")`), an int8-KV XLA
@@ -23,17 +23,15 @@ an optimization barrier, so XLA cannot share query-independent work (an int8 →
 cache's dequantization) between calls on the same buffer. Bytes are what each
 implementation must read: codes, norms (+ QJL signs and residual norms) and lengths for ours;
 K/V (+ scales) for the baselines.
-Writes experiments/results/bench_decode_<device>_<date>.{md,json,png}.
+Writes bench_decode_<device>_<date>.{md,json,png} into --out (see experiments/harness.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -41,12 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments import harness
+from pallas_kernels import dispatch
+from tqjax import cache as C
+from tqjax import ops as tq_ops
 
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 CALL_BYTES = 3e9  # bf16 K/V bytes of the baselines behind one jitted call (see Timing above)
 
 
@@ -56,13 +53,12 @@ CALL_BYTES = 3e9  # bf16 K/V bytes of the baselines behind one jitted call (see 
 PIPELINE = 0  # --pipelined N: time N jitted calls dispatched back to back per sample
 
 
-
-
 def pallas_attention(cache, q, *, soft_cap=None, sliding_window=None, **kernel_options):
   """`tqjax.ops.attention` of q [B, N, H] through the fused kernel `dispatch.decode_partial_fn`
   picks (kernel options select the Triton kernel)."""
   fn = dispatch.decode_partial_fn(cache, q.shape[1] // cache.num_kv_heads, **kernel_options)
   return tq_ops.attention(cache, q, soft_cap=soft_cap, sliding_window=sliding_window, partial_fn=fn)
+
 
 def bench(fn, sets, *, reps: int, warmup: int = 3) -> float:
   """Median µs per call of fn over input sets (one jitted call runs them all, each set's inputs
@@ -191,8 +187,6 @@ def config_case(cname: str, d: int, s: int, g: int = 4) -> dict:
 def check_case(c: dict, seed: int, **options) -> tuple[float, bool]:
   """(relative error, any NaN) of the compiled kernel (with `options`) vs the float32 XLA reference
   on freshly prefilled random data. c: d, kb, vb, var, g, s and optionally nd, cap, win."""
-  from pallas_kernels import dispatch
-
   cfg = C.CacheConfig(head_dim=c["d"], k_bits=c["kb"], v_bits=c["vb"], k_variant=c["var"],
                       norm_dtype=c.get("nd", "float32"), seed=seed)
   b, kh = 3, 2
@@ -236,11 +230,7 @@ def check_kernel(log) -> list[dict]:
 def plot(results: dict, path: Path) -> None:
   """Per shape: effective TB/s per implementation (grouped bars, the copy bandwidth as a line) and
   speedup vs cuDNN bf16 (vs XLA bf16 where a run has no cuDNN row, e.g. --quick on CPU)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = harness.pyplot()
   rows = results["rows"]
   shapes = list(dict.fromkeys(r["shape"] for r in rows))
   impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -275,11 +265,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser()
+  ap = harness.parser(__doc__)
   ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run: XLA paths only")
   ap.add_argument("--no-check", action="store_true")
   ap.add_argument("--reps", type=int, default=30)
-  ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--only", default="", help="comma list of shape names to run")
   ap.add_argument("--pipelined", type=int, default=0, metavar="N",
                   help="time N jitted calls dispatched back to back per sample (default: sync each call)")
@@ -299,6 +288,8 @@ def main(argv=None):
   device = dev.device_kind
   on_gpu = dev.platform == "gpu"
   date = datetime.date.today().isoformat()
+  st = harness.stamp()
+  out = harness.out_dir(args)
   lines: list[str] = []
 
   def log(msg):
@@ -306,7 +297,7 @@ def main(argv=None):
     lines.append(msg)
 
   log(f"device: {device} ({dev.platform}), jax {jax.__version__}, date {date}")
-  results = dict(device=device, date=date, jax=jax.__version__, rows=[], checks=[])
+  results = dict(device=device, date=date, jax=jax.__version__, stamp=st, rows=[], checks=[])
   use_kernel = on_gpu and not args.quick
   if use_kernel and not args.no_check:
     results["checks"] = check_kernel(log)
@@ -333,7 +324,7 @@ def main(argv=None):
 
   def write() -> None:
     """Writes the table so far (after every shape, so a run cut short still leaves its rows)."""
-    md = [f"# Decode attention benchmark — {device}, {date}", "",
+    md = [f"# Decode attention benchmark — {device}, {date}", "", harness.stamp_line(st), "",
           f"jax {jax.__version__}; copy bandwidth (x + 1, read + write): **{copy_tbs:.3f} TB/s**.",
           "Median µs per call over distinct input buffers"
           + (f" ({PIPELINE} jitted calls dispatched back to back per sample)" if PIPELINE else
@@ -352,8 +343,6 @@ def main(argv=None):
         md.append(f"- {c['case']}: rel err {c['rel_err']:.2e}, NaN {c['nan']}")
     text = "\n".join(md) + "\n"
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = (f"bench_decode_{device.replace(' ', '_').replace('/', '_')}_{date}" + ("_quick" if args.quick else "")
             + (f"_pipelined{PIPELINE}" if PIPELINE else "") + ("_headline" if args.headline else ""))
     (out / f"{stem}.md").write_text(text)
@@ -417,8 +406,6 @@ def main(argv=None):
       if (s <= 32768 or args.quick) and not args.headline:
         add(f"ours xla {cname}", bench(xla, list(zip(cycle(caches), qs)), reps=max(3, reps // 3)), nbytes)
       if use_kernel:
-        from pallas_kernels import dispatch
-
         # The default kernel (Mosaic GPU on Hopper where it applies, else Triton tf32 dots), and the
         # Triton kernel with bf16 dots (kernel options always select Triton).
         kernel = "mosaic" if dispatch._mosaic_decode(caches[0], hq // kh) else "triton"

@@ -1,36 +1,29 @@
-"""Where prefill encode time goes on a GPU: the full `tqjax.cache.prefill` (XLA encode and the fused
+"""Where prefill encode time goes on a GPU: the full `tqjax.ops.prefill` (XLA encode and the fused
 Pallas encode kernel) and each XLA encode stage, against a bf16 read + write of the same K/V (the
-issue's target: encode ≤ 2× that copy).
+target: encode ≤ 2× that copy).
 
-Run: PYTHONPATH=. python experiments/bench_encode.py [--quick] [--sweep] [--pipelined N]
+Run: python -m experiments.bench_encode [--quick] [--sweep] [--pipelined N]   (GPU: a few minutes;
+--quick: a CPU smoke run of about a minute)
 --sweep adds kernel-option rows (block_t, num_warps, num_stages, precision) for tuning,
 on centred keys (the heavier path: x − mean is split into two bf16 dot operands).
 --pipelined N dispatches N jitted calls back to back per sample (device time, without the host's
 per-call dispatch, ~120 µs for a call with a Mosaic GPU kernel: `bench_decode.bench`).
 On CPU (--quick) the kernel runs in Pallas interpret mode: its rows check plumbing, not speed.
-Writes experiments/results/bench_encode_<device>_<date>[_pipelinedN].md (not with --quick).
+Writes bench_encode_<device>_<date>[_quick][_pipelinedN].{md,json} into --out (see experiments/harness.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments import bench_decode  # noqa: E402
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
-from tqjax import codebook, packing, quantizer, rotation  # noqa: E402
-from pallas_kernels import dispatch, encode_gpu, encode_mgpu  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
+from experiments import bench_decode, harness
+from pallas_kernels import dispatch, encode_gpu, encode_mgpu
+from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import codebook, packing, quantizer, rotation
 
 
 def pallas_prefill(cache, k, v, **kernel_options):
@@ -39,12 +32,14 @@ def pallas_prefill(cache, k, v, **kernel_options):
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--sweep", action="store_true", help="also time kernel options (block_t, warps, ...)")
   ap.add_argument("--pipelined", type=int, default=0, metavar="N", help="N calls back to back per sample")
   args = ap.parse_args(argv)
+  out = harness.out_dir(args)
+  st = harness.stamp()
   bench_decode.PIPELINE = args.pipelined
   interpret = jax.default_backend() != "gpu"
   if interpret:
@@ -135,19 +130,19 @@ def main(argv=None) -> None:
 
   copy = rows[0][1]
   date = datetime.date.today().isoformat()
-  md = [f"# Prefill encode breakdown — {device}, {date}", "",
+  md = [f"# Prefill encode breakdown — {device}, {date}", "", harness.stamp_line(st), "",
         f"jax {jax.__version__}; K, V bf16 [B={b}, Hkv={kh}, T={t}, D={d}]; median µs per call"
         + (f" ({args.pipelined} calls dispatched back to back per sample)." if args.pipelined else
            f" over {args.reps} reps, each synchronized (host dispatch included)."), "",
         "| stage | µs | × bf16 read+write |", "| --- | ---: | ---: |"]
   md += [f"| {n} | {us:.1f} | {us / copy:.2f} |" for n, us in rows]
   print("\n".join(md))
-  if not args.quick:
-    RESULTS.mkdir(exist_ok=True)
-    suffix = f"_pipelined{args.pipelined}" if args.pipelined else ""
-    out = RESULTS / f"bench_encode_{device.replace(' ', '_')}_{date}{suffix}.md"
-    out.write_text("\n".join(md) + "\n")
-    print(f"wrote {out}")
+  suffix = ("_quick" if args.quick else "") + (f"_pipelined{args.pipelined}" if args.pipelined else "")
+  stem = f"bench_encode_{device.replace(' ', '_')}_{date}{suffix}"
+  data = dict(stamp=st, shape=dict(B=b, K=kh, S=t, H=d), pipelined=args.pipelined, reps=args.reps,
+              rows=[dict(stage=n, us=us, vs_copy=us / copy) for n, us in rows])
+  for path in harness.write(out, stem, "\n".join(md) + "\n", data):
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ For bits b = 1..5 at dimension d (default 128):
 The randomness of TurboQuant is in Π and S, so samples are split over `--seeds` quantizer seeds.
 Standard errors: per-sample errors are i.i.d. (fresh x, q per sample), SE = sd/√N.
 
-Run: python -m experiments.distortion [--dim 128] [--samples 65536] [--seeds 8]
-Writes experiments/results/distortion.{md,png}.
+Run: python -m experiments.distortion [--dim 128] [--samples 65536] [--seeds 8]   (about a minute
+on a 2-core CPU at the defaults). Writes distortion.{md,json,png} into --out (see experiments/harness.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import sys
@@ -29,13 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import tqjax
+from experiments import harness
 
-import tqjax  # noqa: E402
-
-RESULTS = ROOT / "experiments" / "results"
 BITS = (1, 2, 3, 4, 5)
 QJL_KINDS = ("orthogonal", "gaussian")
 
@@ -99,10 +94,12 @@ def _pm(m_se: tuple[float, float], digits: int = 4) -> str:
   return f"{m_se[0]:.{digits}g} ± {m_se[1]:.1g}"
 
 
-def markdown(rows: list[dict], dim: int, samples: int, seeds: int, device: str, date: str) -> str:
+def markdown(rows: list[dict], dim: int, samples: int, seeds: int, device: str, date: str, stamp: str) -> str:
   lines = [
       f"# Distortion vs bits — d = {dim}, {samples} unit vectors over {seeds} quantizer seeds, "
       f"device: {device}, {date}",
+      "",
+      stamp,
       "",
       "TurboQuant_mse: D_mse = E‖x − x̂‖² (mean ± SE) against the Lloyd–Max optimum for this d and the "
       "paper's bounds 4^−b ≤ D_mse ≤ (√3π/2)·4^−b.",
@@ -136,11 +133,7 @@ def markdown(rows: list[dict], dim: int, samples: int, seeds: int, device: str, 
 
 
 def plot(rows: list[dict], dim: int, device: str, date: str, path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = harness.pyplot()
   b = np.array([r["bits"] for r in rows])
   fig, (ax_m, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
   ax_m.errorbar(b, [r["mse"][0] for r in rows], yerr=[r["mse"][1] for r in rows], fmt="o", label="measured")
@@ -169,27 +162,28 @@ def plot(rows: list[dict], dim: int, device: str, date: str, path: Path) -> None
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--dim", type=int, default=128)
   ap.add_argument("--samples", type=int, default=65536, help="unit vectors (and query pairs) per bit width")
   ap.add_argument("--seeds", type=int, default=8, help="quantizer seeds the samples are split over")
-  ap.add_argument("--out", type=Path, default=RESULTS)
   args = ap.parse_args(argv)
   if args.samples < 2 * args.seeds:
     ap.error(f"--samples={args.samples} must be at least 2·--seeds={2 * args.seeds}")
 
+  out = harness.out_dir(args)
+  st = harness.stamp()
   device = jax.devices()[0].device_kind
   date = datetime.date.today().isoformat()
   _log(f"d={args.dim}, samples={args.samples}, seeds={args.seeds}, device: {device}, jax {jax.__version__}")
   t0 = time.perf_counter()
   rows = measure(args.dim, args.samples, args.seeds, jax.random.key(0))
   samples = -(-args.samples // args.seeds) * args.seeds
-  md = markdown(rows, args.dim, samples, args.seeds, device, date)
+  md = markdown(rows, args.dim, samples, args.seeds, device, date, harness.stamp_line(st))
   print(md)
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "distortion.md").write_text(md)
-  plot(rows, args.dim, device, date, args.out / "distortion.png")
-  _log(f"wrote {args.out / 'distortion.md'} and {args.out / 'distortion.png'} in {time.perf_counter() - t0:.1f} s")
+  data = dict(stamp=st, dim=args.dim, samples=samples, seeds=args.seeds, rows=rows)
+  paths = harness.write(out, "distortion", md, data)
+  plot(rows, args.dim, device, date, out / "distortion.png")
+  _log(f"wrote {', '.join(map(str, paths))} and {out / 'distortion.png'} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Greedy generation with a compressed KV cache vs a full-precision one (tiny Gemma-style decoder).
 
-Model: `tqjax.nn.GemmaStyleDecoder`, random weights from a fixed seed (4 layers, embed 256,
+Model: `tqjax.models.gemma_style.GemmaStyleDecoder`, random weights from a fixed seed (4 layers, embed 256,
 8 query heads / 2 kv heads of dim 64, RoPE, GeGLU MLP, tied embeddings). At init a random
 decoder's attention is nearly uniform and greedy decoding falls into a fixed point after a few
 tokens, so the q and k projections are scaled ×2 after init (attention logits ~2× sharper, an
@@ -14,16 +14,16 @@ For each cache: the full-precision float32 cache generates the reference traject
   * teacher-forced on E (`generate(..., forced_tokens=E)`): logits on the same tokens →
     relative logit error ‖l̂ − l‖ / ‖l‖ per step, and argmax agreement with E;
   * free-running greedy: tokens until the first divergence from E, and overall agreement.
-Resident cache bytes: `tqjax.cache.nbytes` summed over layers vs a bf16 k+v cache of the same
-capacity. Writes experiments/results/generate_gemma_style.{md,png} (the plot: per-step relative logit
-error, mean over prompts, and cache bytes per configuration).
+Resident cache bytes: `nbytes` summed over layers vs a bf16 k+v cache of the same capacity
+(`tqjax.dense_cache.expected_nbytes`). Writes generate_gemma_style.{md,json,png} into --out (see
+experiments/harness.py; the plot: per-step relative logit error, mean over prompts, and cache
+bytes per configuration).
 
-    python -m experiments.generate_gemma_style
+    python -m experiments.generate_gemma_style   (a few minutes on a 2-core CPU)
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import textwrap
@@ -35,22 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tqjax import nn as tqnn
+from experiments import harness
 from experiments.minilm_embeddings import describe
+from tqjax import dense_cache
 from tqjax.cache import CacheConfig, bits_per_coordinate_kv
+from tqjax.models.gemma_style import GemmaStyleDecoder
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_gemma_style.md"
 ARCH = dict(vocab=1024, num_layers=4, embed_dim=256, num_heads=8, num_kv_heads=2, head_dim=64)
 QK_SCALE = 2.0
 
 
-def build(cache_config, seed: int, cache_dtype=None) -> tqnn.GemmaStyleDecoder:
-  model = tqnn.GemmaStyleDecoder(**ARCH, cache_config=cache_config, rngs=nnx.Rngs(seed))
+def build(cache_config, seed: int) -> GemmaStyleDecoder:
+  model = GemmaStyleDecoder(**ARCH, cache_config=cache_config, rngs=nnx.Rngs(seed))
   for layer in model.layers:
     for proj in (layer.attn.q_proj, layer.attn.k_proj):
       proj.kernel.set_value(proj.kernel.get_value() * QK_SCALE)
-    if cache_config is None and cache_dtype is not None:
-      layer.attn.cache_dtype = cache_dtype
   return model
 
 
@@ -77,10 +76,7 @@ def layer0_attention_error(model, ref, prompt, tokens) -> float:
 
 
 def plot(rows: list[dict], bf16_bytes: int, title: str, path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = harness.pyplot()
 
   labels = [r["name"].replace("**recommended** (CacheConfig defaults): ", "recommended: ") for r in rows]
   colors = [f"C{i}" for i in range(len(rows))]
@@ -110,13 +106,14 @@ def plot(rows: list[dict], bf16_bytes: int, title: str, path: Path) -> None:
 
 
 def main(argv=None) -> str:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--steps", type=int, default=256)
   ap.add_argument("--prompt-len", type=int, default=32)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", type=Path, default=RESULTS)
   args = ap.parse_args(argv)
+  out = harness.out_dir(args)
+  st = harness.stamp()
   t0 = time.time()
   d = ARCH["head_dim"]
   prompt = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.prompt_len), 0, ARCH["vocab"],
@@ -130,22 +127,23 @@ def main(argv=None) -> str:
   srt = np.sort(e_logits, axis=-1)
   gap = float(np.median((srt[..., -1] - srt[..., -2]) / e_logits.std(axis=-1)))
   distinct = float(np.mean([len(set(t.tolist())) for t in e_tok]))
-  bf16_bytes = tqnn.dense_nbytes(args.batch, ARCH["num_kv_heads"], capacity, d, jnp.bfloat16) * ARCH["num_layers"]
+  bf16 = dense_cache.DenseCacheConfig(head_dim=d, dtype="bfloat16")
+  bf16_bytes = dense_cache.expected_nbytes(bf16, args.batch, ARCH["num_kv_heads"], capacity) * ARCH["num_layers"]
   print(f"reference: {distinct:.0f} distinct tokens / {args.steps}, median top-1 gap {gap:.3f} logit std "
         f"({time.time() - t0:.1f} s)", flush=True)
 
   cases = [
-      ("bf16 cache (uncompressed)", None, jnp.bfloat16),
-      ("K8/V8 mse+nc (sensitivity reference)", CacheConfig(head_dim=d, k_bits=8, v_bits=8), None),
-      (f"**recommended** (CacheConfig defaults): {describe(CacheConfig(head_dim=d))}", CacheConfig(head_dim=d), None),
-      (describe(CacheConfig(head_dim=d, k_bits=3, v_bits=3)), CacheConfig(head_dim=d, k_bits=3, v_bits=3), None),
+      ("bf16 cache (uncompressed)", bf16),
+      ("K8/V8 mse+nc (sensitivity reference)", CacheConfig(head_dim=d, k_bits=8, v_bits=8)),
+      (f"**recommended** (CacheConfig defaults): {describe(CacheConfig(head_dim=d))}", CacheConfig(head_dim=d)),
+      (describe(CacheConfig(head_dim=d, k_bits=3, v_bits=3)), CacheConfig(head_dim=d, k_bits=3, v_bits=3)),
       (describe(CacheConfig(head_dim=d, k_bits=3, v_bits=3, center_keys=False)),
-       CacheConfig(head_dim=d, k_bits=3, v_bits=3, center_keys=False), None),
+       CacheConfig(head_dim=d, k_bits=3, v_bits=3, center_keys=False)),
   ]
   rows = []
-  for name, cfg, cdt in cases:
+  for name, cfg in cases:
     t = time.time()
-    model = build(cfg, args.seed, cdt)
+    model = build(cfg, args.seed)
     nnx.update(model, params)
     _, tf_logits = model.generate(prompt, args.steps, forced_tokens=jnp.asarray(e_tok))
     tf_logits = np.asarray(tf_logits)
@@ -156,7 +154,7 @@ def main(argv=None) -> str:
     first_div = np.where(same.all(axis=1), args.steps, np.argmin(same, axis=1))
     attn_err = layer0_attention_error(model, ref, prompt, e_tok)
     nbytes = model.nbytes()
-    bits = (16.0, 16.0) if cfg is None else bits_per_coordinate_kv(cfg)
+    bits = (16.0, 16.0) if cfg is bf16 else bits_per_coordinate_kv(cfg)
     rows.append(dict(name=name, bits=bits, rel_mean=float(rel.mean()), rel_p95=float(np.quantile(rel, 0.95)),
                      rel_first=float(rel[:, :32].mean()), rel_last=float(rel[:, -32:].mean()), tf_agree=tf_agree,
                      first_div=first_div.tolist(), agree=float(same.mean()), nbytes=nbytes,
@@ -171,11 +169,10 @@ def main(argv=None) -> str:
   lines = [
       "# Greedy generation with a compressed KV cache (Gemma-style decoder, random weights)",
       "",
-      f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Device: {dev.platform} "
-      f"({dev.device_kind}), jax {jax.__version__}. Runtime: {elapsed:.0f} s "
+      f"{harness.stamp_line(st)} Runtime: {elapsed:.0f} s "
       f"(`python -m experiments.generate_gemma_style`).",
       "",
-      f"Model: `tqjax.nn.GemmaStyleDecoder` ({arch}, mlp 1024, RoPE, tied embeddings), random init with seed "
+      f"Model: `tqjax.models.gemma_style.GemmaStyleDecoder` ({arch}, mlp 1024, RoPE, tied embeddings), random init with seed "
       f"{args.seed}, q/k projections ×{QK_SCALE} so attention is peaked and greedy generations do not collapse "
       f"to a fixed point. {args.batch} random prompts of {args.prompt_len} tokens, {args.steps} greedy tokens "
       f"each; cache capacity {capacity} slots. Reference: full-precision float32 cache "
@@ -203,13 +200,12 @@ def main(argv=None) -> str:
         f"{r['rel_first']:.4f} / {r['rel_last']:.4f} | {r['tf_agree']:.1%} | {r['first_div']} | {r['agree']:.1%} "
         f"| {r['nbytes']:,} | {r['ratio']:.2f}x |")
   table = "\n".join(lines) + "\n"
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(table)
+  md_path, json_path = harness.write(out, "generate_gemma_style", table, dict(stamp=st, args=vars(args), rows=rows))
   print("\n" + "\n".join(lines[-(len(rows) + 2):]))
-  png = args.out.with_suffix(".png")
+  png = out / "generate_gemma_style.png"
   plot(rows, bf16_bytes, f"Greedy generation, Gemma-style decoder (random weights) — {dev.device_kind}, "
        f"{datetime.date.today().isoformat()}", png)
-  print(f"\nwrote {args.out} and {png} ({elapsed:.0f} s)")
+  print(f"\nwrote {md_path}, {json_path} and {png} ({elapsed:.0f} s)")
   return table
 
 

@@ -1,14 +1,14 @@
 """KV-cache fidelity: tqjax (TurboQuant) against integer baselines, through attention.
 
 Two data sets:
-* real: MiniLM-L6 q/k/v (shared/data/minilm_l6_qkv.npz), 2 segments x 6 layers x 12 heads x
+* real: MiniLM-L6 q/k/v (minilm_l6_qkv.npz in `tqjax.data.data_dir()`, env TQJAX_DATA), 2 segments x 6 layers x 12 heads x
   512 tokens x head_dim 32, bidirectional attention softmax(q·kᵀ/√32)·v over all 512 tokens.
-* synthetic: `experiments.synthetic.decoder_like_kv` (B=2, 8 heads, 1024 tokens, head_dim 128,
+* synthetic: `tqjax.synthetic.decoder_like_kv` (B=2, 8 heads, 1024 tokens, head_dim 128,
   4 key outlier channels x20), also attended bidirectionally (its queries favour a uniformly
   random key of the whole sequence, so a causal mask would cut that structure).
 
 Each row quantizes K and V; queries stay float32. tqjax rows go through the cache: prefill all
-tokens, logits from `tqjax.cache.scores` (query tokens folded into the query-head axis, GQA
+tokens, logits from `tqjax.ops.scores` (query tokens folded into the query-head axis, GQA
 style: q [B, H·T, D] against K = H kv heads), outputs from `tqjax.ops.chunked_attention(...,
 causal=False)`, so values are only ever consumed by the cache's own attention path. Baselines
 are dequantized and attended densely.
@@ -22,37 +22,42 @@ Bits: K and V bits per coordinate from the formulas (`bits_per_coordinate_kv`, b
 "nbytes bits" = 8·(bytes of every stored array) / (2·tokens·heads·D), per-sequence side data
 (key mean, channel permutations, lengths) included, amortized over the tokens. The script
 asserts that the per-token arrays reproduce the formulas exactly and `nbytes == expected_nbytes`.
+The metrics, both paths and the accounting live in `tqjax.fidelity`.
 
-Run: python -m experiments.kv_fidelity   (writes experiments/results/kv_fidelity.{md,json,png}).
+Run: python -m experiments.kv_fidelity   (about 10 minutes on a 2-core CPU; writes
+kv_fidelity.{md,json,png} into --out, see experiments/harness.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
+import functools
 import math
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
-
-from experiments import baselines  # noqa: E402
-from experiments.synthetic import decoder_like_kv  # noqa: E402
-from tqjax import cache as tqc  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "minilm_l6_qkv.npz"
-RESULTS = ROOT / "experiments" / "results"
-_HIGHEST = jax.lax.Precision.HIGHEST
-METRICS = ("logit_rel_rmse", "kl", "out_rel_err", "top1")
+from experiments import harness
+from tqjax import cache as tqc
+from tqjax.data import data_path
+from tqjax.fidelity import (
+    METRICS,
+    attention_metrics,
+    baseline_quantizers,
+    cache_accounting,
+    dense_attention,
+    evaluate_baseline,
+    load_minilm_qkv,
+    not_worse,
+    paired,
+    prefill_and_attend,
+    summarize,
+)
+from tqjax.synthetic import decoder_like_kv
 
 SYNTH = dict(batch=2, heads=8, tokens=1024, head_dim=128, n_outlier_channels=4, outlier_scale=20.0, seed=0)
 
@@ -62,21 +67,6 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_real(path: Path = DATA, layers=None, heads=None, tokens=None):
-  """Real MiniLM q, k, v as float32 [segments·layers, heads, tokens, 32] plus scale and slicing.
-
-  layers / heads / tokens: optional slices (for quick tests). Batch index = segment·L + layer.
-  """
-  with np.load(path) as d:
-    arrs = [d[n] for n in ("queries", "keys", "values")]
-    scale = float(d["scale"])
-  sl = (slice(None), layers or slice(None), heads or slice(None), tokens or slice(None))
-  arrs = [a[sl].astype(np.float32) for a in arrs]
-  s, l, h, t, dd = arrs[0].shape
-  q, k, v = (jnp.asarray(a.reshape(s * l, h, t, dd)) for a in arrs)
-  return q, k, v, scale, (s, l)
 
 
 def load_synthetic(cfg=SYNTH):
@@ -90,76 +80,7 @@ def load_synthetic(cfg=SYNTH):
 # ----------------------------------------------------------------------------- core metrics
 
 
-@jax.jit
-def dense_attention(q, k, v, scale):
-  """Bidirectional attention: q, k, v [B, H, T|S, D] → logits [B, H, T, S], out [B, H, T, D]."""
-  logits = jnp.einsum("bhtd,bhsd->bhts", q, k, precision=_HIGHEST) * scale
-  p = jax.nn.softmax(logits, axis=-1)
-  return logits, jnp.einsum("bhts,bhsd->bhtd", p, v, precision=_HIGHEST)
-
-
-def _metrics(logits, out, logits_hat, out_hat):
-  """Per-unit metrics [B, H] of approximate logits/outputs against the exact ones."""
-  err = logits_hat - logits
-  rmse = jnp.sqrt(jnp.mean(jnp.square(err), axis=(-2, -1)))
-  spread = jnp.sqrt(jnp.mean(jnp.var(logits, axis=-1), axis=-1))
-  lp = jax.nn.log_softmax(logits, axis=-1)
-  lp_hat = jax.nn.log_softmax(logits_hat, axis=-1)
-  kl = jnp.sum(jnp.exp(lp) * (lp - lp_hat), axis=-1)  # [B, H, T]
-  o_err = jnp.sqrt(jnp.sum(jnp.square(out_hat - out), axis=(-2, -1)) / jnp.sum(jnp.square(out), axis=(-2, -1)))
-  top1 = jnp.argmax(logits, axis=-1) == jnp.argmax(logits_hat, axis=-1)
-  return {
-      "logit_rel_rmse": rmse / spread,
-      "kl": jnp.mean(kl, axis=-1),
-      "out_rel_err": o_err,
-      "top1": jnp.mean(top1.astype(jnp.float32), axis=-1),
-  }
-
-
-attention_metrics = jax.jit(_metrics)
-
-
-def summarize(per_unit: dict, select=None) -> dict:
-  """{metric: {"mean", "se", "n"}} over units (optionally a boolean/index selection of them)."""
-  out = {}
-  for name, a in per_unit.items():
-    a = np.asarray(a, np.float64)
-    a = (a if select is None else a[select]).ravel()
-    out[name] = {"mean": float(a.mean()), "se": float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0,
-                 "n": int(a.size)}
-  return out
-
-
 # ----------------------------------------------------------------------------- baselines
-
-
-def baseline_rows():
-  """(name, key quantizer, value quantizer); each returns (x_hat, bits, storage)."""
-  rs = dict(return_storage=True)
-  return [
-      ("bf16", lambda x: baselines.bf16(x, **rs), lambda x: baselines.bf16(x, **rs)),
-      ("int8 per token", lambda x: baselines.int8_per_token(x, **rs), lambda x: baselines.int8_per_token(x, **rs)),
-      ("int4 per token, group 32", lambda x: baselines.int4_per_token_group(x, 32, **rs),
-       lambda x: baselines.int4_per_token_group(x, 32, **rs)),
-      ("KIVI-2 (K per channel, V per token)", lambda x: baselines.kivi(x, 2, "key", **rs),
-       lambda x: baselines.kivi(x, 2, "value", **rs)),
-      ("KIVI-4 (K per channel, V per token)", lambda x: baselines.kivi(x, 4, "key", **rs),
-       lambda x: baselines.kivi(x, 4, "value", **rs)),
-      ("rand. Hadamard + int4 group 32", lambda x: baselines.hadamard_int4(x, 32, **rs),
-       lambda x: baselines.hadamard_int4(x, 32, **rs)),
-  ]
-
-
-def evaluate_baseline(fk, fv, q, k, v, scale, ref):
-  k_hat, bk, sk = fk(k)
-  v_hat, bv, sv = fv(v)
-  nb = sum(int(a.nbytes) for a in (*sk.values(), *sv.values()))
-  for bits, st, x in ((bk, sk, k), (bv, sv, v)):
-    got = 8 * sum(int(a.nbytes) for a in st.values()) / x.size
-    assert abs(got - bits) < 1e-9, f"baseline bits {bits} != nbytes-derived {got}"
-  logits_hat, out_hat = dense_attention(q, k_hat, v_hat, scale)
-  per_unit = attention_metrics(*ref, logits_hat, out_hat)
-  return per_unit, {"k_bits": bk, "v_bits": bv, "nbytes": nb, "nbytes_bits": 8 * nb / (k.size + v.size)}
 
 
 # ----------------------------------------------------------------------------- tqjax
@@ -195,41 +116,10 @@ def tqjax_configs(head_dim: int):
   return rows
 
 
-@jax.jit
-def _tq_forward(cache0, q, k, v, scale):
-  """Prefill all tokens, then logits via `scores` and outputs via `chunked_attention`."""
-  cache = tq_ops.prefill(cache0, k, v)
-  b, h, t, d = q.shape
-  # Fold query tokens into the query-head axis: Hq = H·T, so each kv head sees G = T queries.
-  logits = tq_ops.scores(cache, q.reshape(b, h * t, d), scale=scale).reshape(b, h, t, -1)
-  out = tq_ops.chunked_attention(cache, q, scale=scale, causal=False, block_size=min(t, 1024))
-  return cache, logits, out
-
-
-@jax.jit
+@functools.partial(jax.jit, static_argnames="scale")
 def _tq_eval(cache0, q, k, v, scale, logits_ref, out_ref):
-  cache, logits, out = _tq_forward(cache0, q, k, v, scale)
-  return cache, _metrics(logits_ref, out_ref, logits, out)
-
-
-def _leaf_bytes(*trees) -> int:
-  return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(list(trees)))
-
-
-def cache_accounting(cache: tqc.KVCache) -> dict:
-  """Bits from the formulas and from the arrays; raises if they disagree."""
-  cfg = cache.config
-  b, h, s, d = cache.batch_size, cache.num_kv_heads, cache.capacity, cfg.head_dim
-  bk, bv = tqc.bits_per_coordinate_kv(cfg)
-  n = b * h * s * d
-  k_tok = 8 * _leaf_bytes(cache.k.main, cache.k.outlier) / n
-  v_tok = 8 * _leaf_bytes(cache.v.main, cache.v.outlier) / n
-  assert abs(k_tok - bk) < 1e-9 and abs(v_tok - bv) < 1e-9, (cfg, bk, bv, k_tok, v_tok)
-  nb = tqc.nbytes(cache)
-  exp = tqc.expected_nbytes(cfg, b, h, s)
-  assert nb == exp, f"nbytes {nb} != expected_nbytes {exp} for {cfg}"
-  return {"k_bits": bk, "v_bits": bv, "nbytes": nb, "nbytes_bits": 8 * nb / (2 * n),
-          "k_bits_arrays": k_tok, "v_bits_arrays": v_tok}
+  cache, logits, out = prefill_and_attend(cache0, q, k, v, scale)
+  return cache, attention_metrics(logits_ref, out_ref, logits, out)
 
 
 def evaluate_tqjax(config: tqc.CacheConfig, q, k, v, scale, ref):
@@ -237,13 +127,6 @@ def evaluate_tqjax(config: tqc.CacheConfig, q, k, v, scale, ref):
   cache0 = tqc.init_cache(config, b, h, t)
   cache, per_unit = _tq_eval(cache0, q, k, v, scale, *ref)
   return per_unit, cache_accounting(cache)
-
-
-def tqjax_attention(config: tqc.CacheConfig, q, k, v, scale):
-  """(logits [B,H,T,S], out [B,H,T,D], cache) of tqjax through the cache (used by the tests)."""
-  b, h, t, _ = k.shape
-  cache, logits, out = _tq_forward(tqc.init_cache(config, b, h, t), q, k, v, scale)
-  return logits, out, cache
 
 
 # ----------------------------------------------------------------------------- driver
@@ -254,7 +137,7 @@ def run_dataset(name, q, k, v, scale, groups: dict, t0: float):
   ref = dense_attention(q, k, v, scale)
   jax.block_until_ready(ref)
   rows = []
-  todo = [(n, "baseline", None, (fk, fv)) for n, fk, fv in baseline_rows()]
+  todo = [(n, "baseline", None, (fk, fv)) for n, fk, fv in baseline_quantizers()]
   todo += [(n, vn, cfg, None) for n, vn, cfg in tqjax_configs(k.shape[-1])]
   for i, (label, family, cfg, fns) in enumerate(todo):
     t1 = time.perf_counter()
@@ -321,19 +204,6 @@ def _kl(r, group="all"):
 REFERENCE = "int4 per token, group 32"  # the quality bar: the common 4-bit (5.0 b/coord) KV cache
 
 
-def paired(row, ref, metric: str) -> tuple[float, float]:
-  """Mean and standard error over units of (row − ref) for one metric; units are paired."""
-  d = np.asarray(row["per_unit"][metric], np.float64).ravel() - np.asarray(ref["per_unit"][metric], np.float64).ravel()
-  return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
-
-
-def not_worse(row, ref, metric: str, higher_is_better: bool = False, n_se: float = 2.0) -> bool:
-  """True unless `row` is worse than `ref` on `metric` by more than n_se paired standard errors."""
-  m, se = paired(row, ref, metric)
-  worse = -m if higher_is_better else m
-  return worse <= n_se * se
-
-
 def _key_setting(cfg):
   return tuple(cfg[f] for f in ("k_bits", "k_variant", "norm_correction", "center_keys", "qjl_kind", "outlier_channels"))
 
@@ -386,12 +256,15 @@ def resident_bytes(config: tqc.CacheConfig, tokens=32768, batch=1, kv_heads=8, l
 # ----------------------------------------------------------------------------- main
 
 
-def main():
+def main(argv=None):
+  args = harness.parser(__doc__).parse_args(argv)
+  out = harness.out_dir(args)
+  st = harness.stamp()
   t0 = time.perf_counter()
   dev = jax.devices()[0]
   _log(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
 
-  q, k, v, scale, (n_seg, n_lay) = load_real()
+  q, k, v, scale, (n_seg, n_lay) = load_minilm_qkv()
   units = np.arange(n_seg * n_lay)  # batch index = segment·L + layer
   layer0 = (units % n_lay == 0)
   real_groups = {"all": None, "layer0": layer0}
@@ -404,19 +277,17 @@ def main():
 
   rec = recommend(real, synth)
   runtime = time.perf_counter() - t0
-  write_outputs(real, synth, rec, runtime, dev)
-  plot(real, synth, dev.device_kind, datetime.date.today().isoformat(), RESULTS / "kv_fidelity.png")
+  write_outputs(real, synth, rec, runtime, st, out)
+  plot(real, synth, dev.device_kind, datetime.date.today().isoformat(), out / "kv_fidelity.png")
   _log(f"done in {runtime:.1f}s")
 
 
-def write_outputs(real, synth, rec, runtime, dev):
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def write_outputs(real, synth, rec, runtime, st, out):
   rec_cfg, rec_text, rb = recommendation_text(real, synth, rec)
   md = [
       "# KV-cache fidelity: tqjax vs baselines",
       "",
-      f"Date: {now}. Device: jax {jax.__version__}, {dev.platform} / {dev.device_kind}. "
+      f"{harness.stamp_line(st)} "
       f"Runtime: {runtime:.0f} s (`python -m experiments.kv_fidelity`).",
       "",
       "**Real data**: MiniLM-L6 (all-MiniLM-L6-v2, BERT encoder, no RoPE) q/k/v from "
@@ -430,9 +301,9 @@ def write_outputs(real, synth, rec, runtime, dev):
       "bidirectional attention over all tokens (its queries favour a uniformly random key). Units = 16.",
       "",
       "Method: queries stay float32; K and V are quantized. tqjax rows go through the compressed "
-      "cache: `prefill` of all tokens, logits from `tqjax.cache.scores` (query tokens folded into "
+      "cache: `prefill` of all tokens, logits from `tqjax.ops.scores` (query tokens folded into "
       "the query-head axis), outputs from `tqjax.ops.chunked_attention(causal=False)`; values are "
-      "never decoded outside the cache's attention path. Baselines (`experiments/baselines.py`) are "
+      "never decoded outside the cache's attention path. Baselines (`tqjax/baselines.py`) are "
       "dequantized and attended densely. tqjax `Nb` = k_bits = v_bits = N unless K/V named; "
       "`nc` = norm correction (keys and values), `centre` = per-head key mean subtracted at prefill, "
       "prod rows use (N−1)-bit codebook + 1-bit QJL keys with mse+nc values; norms are float32 unless "
@@ -462,11 +333,12 @@ def write_outputs(real, synth, rec, runtime, dev):
       rec_text,
       "",
   ]
-  (RESULTS / "kv_fidelity.md").write_text("\n".join(md))
+  md_text = "\n".join(md)
   payload = {
-      "date": now, "jax": jax.__version__, "device": {"platform": dev.platform, "kind": dev.device_kind},
+      "date": st["date"], "jax": st["jax"], "device": {"platform": st["platform"], "kind": st["device"]},
+      "commit": st["commit"],
       "runtime_s": runtime,
-      "data": {"real": {"path": str(DATA.name), "shape": "[2 seg, 6 layers, 12 heads, 512 tokens, 32]",
+      "data": {"real": {"path": data_path("minilm_l6_qkv.npz").name, "shape": "[2 seg, 6 layers, 12 heads, 512 tokens, 32]",
                         "attention": "bidirectional", "unit_order": "per_unit arrays are [segment*6 + layer, head]"},
                "synthetic": {**SYNTH, "attention": "bidirectional"}},
       "metric_definitions": {
@@ -477,7 +349,7 @@ def write_outputs(real, synth, rec, runtime, dev):
       "recommendation": {**rec, "text": rec_text,
                          "config": dataclasses.asdict(rec_cfg) if rec_cfg else None, "resident_bytes": rb},
   }
-  (RESULTS / "kv_fidelity.json").write_text(json.dumps(payload, indent=1))
+  harness.write(out, "kv_fidelity", md_text, payload)
   print("\n".join(md))
 
 
@@ -500,11 +372,8 @@ PLOT_BASELINES = {
 
 def plot(real, synth, device: str, date: str, path: Path) -> None:
   """KL(exact‖quantized) vs stored bits per coordinate (mean of K and V), one panel per data set."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.ticker import NullFormatter
+  plt = harness.pyplot()
+  from matplotlib.ticker import NullFormatter  # noqa: PLC0415
 
   bits = lambda r: (r["k_bits"] + r["v_bits"]) / 2
   kl = lambda r: (r["summary"]["all"]["kl"]["mean"], r["summary"]["all"]["kl"]["se"])

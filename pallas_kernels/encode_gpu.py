@@ -435,7 +435,7 @@ def encode(
   names = [n for n in out_shape if (n != "codes" or bits) and (n in ("codes", "norms") or prod)]
   if groups * tokens == 0:
     zeros = lambda n: jnp.zeros((*lead, *out_shape[n][0]), out_shape[n][1])
-    return Code(zeros("codes"), zeros("norms"), *((zeros("signs"), zeros("rnorms")) if prod else ()))
+    return Code(zeros("codes"), zeros("norms"), *((zeros("signs"), zeros("rnorms")) if prod else ()), config=cfg)
   if block_t is None:
     block_t = default_block_t(d, tokens)
   if block_t < 16 or block_t & (block_t - 1):
@@ -510,7 +510,7 @@ def encode(
   got = {n: o.reshape(*lead, *out_shape[n][0]) for n, o in zip(names, outs)}
   if not bits:
     got["codes"] = jnp.zeros((*lead, 0), jnp.uint32)
-  return Code(got["codes"], got["norms"], got.get("signs"), got.get("rnorms"))
+  return Code(got["codes"], got["norms"], got.get("signs"), got.get("rnorms"), config=cfg)
 
 
 def encode_reference(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) -> Code:

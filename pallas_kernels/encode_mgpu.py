@@ -161,7 +161,7 @@ def encode(
   nw = packing.packed_words(d, bits)
   lead = x.shape[:-1]
   if groups * tokens == 0:
-    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype))
+    return Code(jnp.zeros((*lead, nw), jnp.uint32), jnp.zeros(lead, cfg.norm_dtype), config=cfg)
   nblocks = groups * tokens // BT
   ctas = ctas or _sm_count()
   workers = ctas * wgs
@@ -272,4 +272,4 @@ def encode(
       ],
   )
   codes, norms = run(xg.reshape(n, d), p16, mats, mean)
-  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead))
+  return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead), config=cfg)

@@ -116,9 +116,9 @@ def check_flax(mesh, r, cfg: C.CacheConfig) -> None:
   """The Flax NNX layer, data-parallel: prefill (ragged lengths) then a decode step under jit, its
   parameters replicated and its cache (`partition_specs`) and inputs sharded over the batch."""
   b, t, f = 8, 12, 128
-  layer = tnn.TurboQuantAttention(f, 4, 2, cfg.head_dim, cache_config=cfg, use_rope=True, soft_cap=30.0,
+  layer = tnn.TurboQuantAttention(f, 4, 2, cfg.head_dim, cache_config=cfg, rope_base=1e4, soft_cap=30.0,
                                   rngs=nnx.Rngs(0))
-  layer.init_cache(batch_size=b, max_length=32)
+  layer.init_cache(batch_size=b, capacity=32)
   x = jnp.asarray(r.standard_normal((b, t, f)), jnp.float32)
   x1 = jnp.asarray(r.standard_normal((b, 1, f)), jnp.float32)
   lengths = jnp.asarray(r.integers(1, t + 1, b), jnp.int32)

@@ -1,14 +1,14 @@
-"""Tests for experiments/baselines.py and experiments/synthetic.py."""
+"""Tests for tqjax.baselines (the integer KV-cache baselines) and tqjax.synthetic."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import baselines as B
-from experiments.synthetic import decoder_like_kv
+from tqjax import baselines as B
 from tqjax import packing
 from tqjax.rotation import hadamard_transform
+from tqjax.synthetic import decoder_like_kv
 
 pytestmark = pytest.mark.math
 

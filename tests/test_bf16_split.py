@@ -13,6 +13,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 
 from pallas_kernels import bf16
 
+pytestmark = pytest.mark.interpret
+
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                     abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))

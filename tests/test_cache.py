@@ -118,6 +118,29 @@ def test_chunked_causal_and_bidirectional():
     assert _rel(out, ref) < 2e-5
 
 
+def test_reference_reads_only_blocks_between_min_lo_and_max_hi():
+  """The blocked XLA partial loops over the blocks holding attended slots only (work follows the
+  tokens held, not the capacity): value norms poisoned with NaN before min(lo) and past max(hi)
+  never reach the output (0·NaN would), and the result equals the float64 reference."""
+  b, kh, g, d, t, cap, blk, win = 2, 1, 2, 32, 3, 100, 8, 20
+  cfg = C.CacheConfig(d, k_bits=3, v_bits=3, norm_dtype="float32")
+  k, v = _kv(jax.random.key(8), b, kh, 70, d)
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, cap), k, v, lengths=jnp.array([70, 60]))
+  q = jax.random.normal(jax.random.key(9), (b, kh * g, t, d))
+  k_hat, v_hat = _decoded(cache)
+  ref = _dense_reference(k_hat, v_hat, q, cache.lengths, t, scale=1 / math.sqrt(d), window=win)
+  slots = jnp.arange(cap)
+  lo_min, hi_max = 60 - t + 1 - win, 70  # the earliest and the last attended positions
+  poison = (slots < (lo_min // blk) * blk) | (slots >= -(-hi_max // blk) * blk)
+  norms = jnp.where(poison[None, None], jnp.nan, cache.v.main.norms)
+  poisoned = dataclasses.replace(cache, v=dataclasses.replace(cache.v, main=dataclasses.replace(cache.v.main, norms=norms)))
+  out = tq_ops.chunked_attention(poisoned, q, sliding_window=win, implementation="xla", block_size=blk)
+  assert _rel(out, ref) < 2e-5
+  # The poison is live: a block size whose loop covers the poisoned slots propagates it.
+  assert np.isnan(np.asarray(tq_ops.chunked_attention(poisoned, q, sliding_window=win, implementation="xla",
+                                                      block_size=cap))).any()
+
+
 @pytest.mark.parametrize("t, s", [(5, 9), (9, 9), (12, 9), (0, 9)])
 def test_write_prefix_equals_scatter(t, s):
   """The prefill write (one slice update) == the general scatter at slots 0 .. T − 1, with ragged

@@ -193,6 +193,13 @@ def test_quantize_is_nearest_centroid(bits):
   assert tqjax.dequantize(cb, idx, jnp.bfloat16).dtype == jnp.bfloat16
 
 
+def test_quantize_accepts_array_likes():
+  cb = tqjax.make_codebook(2, 32)
+  y = [-0.5, -0.01, 0.01, 0.5]
+  np.testing.assert_array_equal(tqjax.quantize(cb, y), [0, 1, 2, 3])
+  np.testing.assert_array_equal(tqjax.quantize(cb, y), tqjax.quantize(cb, jnp.asarray(y)))
+
+
 def test_quantize_nan_maps_to_last_code():
   cb = tqjax.make_codebook(3, 32)
   idx = tqjax.quantize(cb, jnp.array([jnp.nan, 0.0]))

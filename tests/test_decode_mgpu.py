@@ -35,6 +35,8 @@ from tqjax import partials as tq_partials
 from tqjax import packing
 from tqjax.codebook import lloyd_max
 
+pytestmark = pytest.mark.math
+
 IS_HOPPER = dispatch._is_hopper()
 
 
@@ -651,7 +653,7 @@ def test_kernel_time_source_and_wall(monkeypatch, tmp_path):
   monkeypatch.setattr(KT, "WALL_CALLS", 2)
   monkeypatch.setattr(KT, "WALL_DISPATCHES", 1)
   monkeypatch.setattr(dispatch, "_mosaic_decode", lambda cache, rows: seen.append(imported().STAGES) or True)
-  monkeypatch.setattr(dispatch, "attention", lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))
+  monkeypatch.setattr(KT, "pallas_attention", lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))
   args = SimpleNamespace(configs=["K3/V3", "K4/V4"], head_dim=64, seq=64, reps=2)
   got = KT.wall(args, [{}, {"STAGES": 3}])
   assert seen == [KT.DEFAULTS["STAGES"], 3] * 2 and M.STAGES == KT.DEFAULTS["STAGES"]

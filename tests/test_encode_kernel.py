@@ -37,6 +37,8 @@ from tqjax import quantizer as Q
 from tqjax.codebook import lloyd_max
 from tqjax.rotation import dense_matrix
 
+pytestmark = pytest.mark.interpret
+
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                     abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())

@@ -29,6 +29,8 @@ from tqjax import quantizer as Q
 from tqjax.codebook import make_codebook, quantize
 from tqjax.rotation import dense_matrix
 
+pytestmark = pytest.mark.math
+
 IS_HOPPER = dispatch._is_hopper()
 
 
@@ -115,7 +117,7 @@ def _kernel_model(tq, x, mean):
   fields, sq = M.quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]))
   words = _pack_on_matrices(fields, bits, d)[1].astype(np.uint32)
   scale = jnp.where(finite, norm, jnp.nan) / jnp.sqrt(jnp.sum(sq, axis=1))
-  return Q.Code(jnp.asarray(words[:, :packing.packed_words(d, bits)]), scale.astype(cfg.norm_dtype))
+  return Q.Code(jnp.asarray(words[:, :packing.packed_words(d, bits)]), scale.astype(cfg.norm_dtype), config=cfg)
 
 
 @pytest.mark.math

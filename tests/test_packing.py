@@ -118,3 +118,12 @@ def test_errors():
     tqjax.unpack(jnp.zeros(4, jnp.uint32), 3, 32)
   with pytest.raises(ValueError, match="int32"):
     tqjax.unpack(jnp.zeros(3, jnp.int32), 3, 32)
+  with pytest.raises(ValueError, match=r"codes.shape=\(\)"):
+    tqjax.pack(jnp.uint8(3), 2)
+
+
+def test_array_likes_accepted():
+  codes = [[3, 0, 1, 2] * 10]
+  words = tqjax.pack(codes, 2)
+  np.testing.assert_array_equal(words, tqjax.pack(jnp.asarray(codes, jnp.uint8), 2))
+  np.testing.assert_array_equal(tqjax.unpack(np.asarray(words), 2, 40), np.asarray(codes, np.uint8))

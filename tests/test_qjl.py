@@ -143,5 +143,32 @@ def test_errors():
   with pytest.raises(ValueError, match="kind='rademacher'"):
     tqjax.make_qjl(32, kind="rademacher")
   for bad in (0, -3, True, 2.5):
-    with pytest.raises(ValueError, match=f"qjl_dim={bad!r}"):
+    with pytest.raises(ValueError, match=f"sketch_dim={bad!r}"):
       tqjax.make_qjl(32, bad)
+  for bad in (-1, 2.5, "7", True):
+    with pytest.raises(ValueError, match=f"seed={bad!r}"):
+      tqjax.make_qjl(32, seed=bad)
+  with pytest.raises(ValueError, match="dim=1"):
+    tqjax.make_qjl(1)
+
+
+def test_argument_order_matches_make_rotation():
+  """make_qjl(dim, sketch_dim, kind, *, seed) like make_rotation(dim, kind, *, seed): the seed is
+  keyword-only, so a positional seed in the kind's place fails loudly instead of meaning a kind."""
+  a = tqjax.make_qjl(32, 48, "gaussian", seed=9)
+  assert (a.kind, a.sketch_dim) == ("gaussian", 48)
+  np.testing.assert_array_equal(a.matrix, tqjax.make_qjl(32, 48, kind="gaussian", seed=9).matrix)
+  with pytest.raises(ValueError, match="kind=9"):
+    tqjax.make_qjl(32, 48, 9)
+  with pytest.raises(TypeError):
+    tqjax.make_qjl(32, 48, "gaussian", 9)
+
+
+def test_array_likes_accepted():
+  q = tqjax.make_qjl(8, 8, seed=2)
+  r = [0.5, -1.0, 0.25, 2.0, 0.0, 1.0, -0.5, 0.75]
+  signs, rnorm = tqjax.qjl_encode(q, r)
+  want = tqjax.qjl_encode(q, jnp.asarray(r))
+  np.testing.assert_array_equal(signs, want[0])
+  np.testing.assert_array_equal(rnorm, want[1])
+  np.testing.assert_array_equal(tqjax.qjl_ip(q, r, signs, float(rnorm)), tqjax.qjl_ip(q, jnp.asarray(r), signs, rnorm))

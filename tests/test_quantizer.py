@@ -294,19 +294,121 @@ def test_mismatched_code_and_quantizer():
   x = jax.random.normal(jax.random.key(9), (5, 32))
   q4 = tqjax.make_quantizer(32, 4)
   code3 = tqjax.encode(tqjax.make_quantizer(32, 3), x)
-  # A 3-bit code has 3 words per vector; the 4-bit quantizer expects 4 and says what it got.
   for fn in (lambda: tqjax.decode(q4, code3), lambda: tqjax.estimate_ip(q4, x[0], code3)):
-    with pytest.raises(ValueError, match=r"bits=4.*\[\.\.\., 4\].*\(5, 3\)"):
+    with pytest.raises(ValueError, match=r"another quantizer.*bits=3 vs 4"):
       fn()
-  # prod at 4 bits stores 3-bit codes, so its words fit a 3-bit mse quantizer; the signs give it away.
+  # prod at 4 bits stores 3-bit codes, so its words fit a 3-bit mse quantizer.
   prod_code = tqjax.encode(tqjax.make_quantizer(32, 4, "prod"), x)
-  with pytest.raises(ValueError, match=r"has QJL signs.*'mse'"):
+  with pytest.raises(ValueError, match=r"bits=4 vs 3, variant='prod' vs 'mse'"):
     tqjax.decode(tqjax.make_quantizer(32, 3), prod_code)
-  with pytest.raises(ValueError, match=r"lacks QJL signs.*'prod'"):
-    tqjax.estimate_ip(tqjax.make_quantizer(32, 4, "prod"), x[0], code3)
   wide = tqjax.encode(tqjax.make_quantizer(32, 4, "prod", qjl_dim=64), x)
-  with pytest.raises(ValueError, match=r"\(5, 2\).*qjl_dim=32"):
+  with pytest.raises(ValueError, match=r"qjl_dim=64 vs None"):
     tqjax.decode(tqjax.make_quantizer(32, 4, "prod"), wide)
+
+
+# Pairs of quantizers whose codes have identical shapes and dtypes: only the identity that the
+# code carries tells them apart, and decoding with the wrong one returned garbage silently.
+LOOKALIKES = [
+    (dict(dim=32, bits=3), dict(dim=32, bits=3, seed=1), "seed=0 vs 1"),
+    (dict(dim=30, bits=3), dict(dim=32, bits=3), "dim=30 vs 32"),  # both ceil(dim/32) = 1 word per bit
+    (dict(dim=32, bits=3, rotation="hadamard"), dict(dim=32, bits=3), "rotation='hadamard' vs 'haar'"),
+    (dict(dim=32, bits=3, variant="prod", qjl_kind="gaussian"), dict(dim=32, bits=3, variant="prod"), "qjl_kind"),
+    (dict(dim=32, bits=3, norm_correction=True), dict(dim=32, bits=3), "norm_correction=True vs False"),
+]
+
+
+@pytest.mark.parametrize("made,used,pattern", LOOKALIKES)
+def test_code_of_a_lookalike_quantizer_raises(made, used, pattern):
+  maker, user = tqjax.make_quantizer(**made), tqjax.make_quantizer(**used)
+  x = jnp.ones((2, made["dim"]))
+  code = tqjax.encode(maker, x)
+  # The arrays alone cannot tell: the code has exactly the shapes and dtypes `user` makes.
+  shapes = lambda c: [(a.shape, a.dtype) for a in jax.tree.leaves(c)]  # noqa: E731
+  assert shapes(code) == shapes(tqjax.encode(user, jnp.ones((2, used["dim"]))))
+  q = jnp.ones(used["dim"])
+  for fn in (tqjax.check_code, tqjax.decode, tqjax.decode_rotated):
+    with pytest.raises(ValueError, match=pattern):
+      fn(user, code)
+  with pytest.raises(ValueError, match=pattern):
+    tqjax.estimate_ip(user, q, code)
+  # At trace time, under jit, and for codes that went through eval_shape / tree_map / scan.
+  with pytest.raises(ValueError, match=pattern):
+    jax.jit(tqjax.decode)(user, code)
+  spec = jax.eval_shape(tqjax.encode, maker, x)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec)
+  _, scanned = jax.lax.scan(lambda c, v: (c, tqjax.encode(maker, v)), 0, x)
+  for c in (spec, zeros, scanned):
+    assert c.config == maker.config
+    with pytest.raises(ValueError, match=pattern):
+      jax.eval_shape(tqjax.decode, user, c)
+  assert tqjax.decode(maker, zeros).shape == x.shape  # the maker still decodes them
+
+
+def test_code_identity_is_static_metadata():
+  tq = tqjax.make_quantizer(32, 2, "prod", seed=3)
+  code = tqjax.encode(tq, jnp.ones((4, 32)))
+  leaves, treedef = jax.tree.flatten(code)
+  assert len(leaves) == 4  # codes, norms, signs, residual norms: the config is not a leaf
+  assert jax.tree.unflatten(treedef, leaves).config == tq.config
+  # Codes of two quantizers have different tree structures, so they cannot be mixed in one tree op.
+  other = tqjax.encode(tqjax.make_quantizer(32, 2, "prod", seed=4), jnp.ones((4, 32)))
+  assert jax.tree.structure(other) != treedef
+  with pytest.raises(TypeError):
+    tqjax.Code(code.codes, code.norms)  # a Code says which quantizer made it
+
+
+def _hand_code(tq, lead, *, words=None, norms=None, signs=None, rnorms=None, sign_words=None):
+  """A Code with tq's identity and arrays of the given (possibly inconsistent) shapes."""
+  cfg = tq.config
+  words = cfg.mse_bits * (-(-cfg.dim // 32)) if words is None else words
+  z = lambda shape, dt=jnp.uint32: jnp.zeros(shape, dt)  # noqa: E731
+  prod = cfg.variant == "prod"
+  return tqjax.Code(
+      z((*lead, words)),
+      z(lead if norms is None else norms, jnp.float32),
+      z((*lead, sign_words if sign_words is not None else -(-cfg.sketch_dim // 32))) if prod or signs else None,
+      z(lead if rnorms is None else rnorms, jnp.float32) if prod else None,
+      config=cfg,
+  )
+
+
+def test_check_code_names_the_inconsistent_array():
+  mse, prod = tqjax.make_quantizer(32, 4), tqjax.make_quantizer(32, 4, "prod", qjl_dim=64)
+  tqjax.check_code(mse, _hand_code(mse, (5,)))
+  tqjax.check_code(prod, _hand_code(prod, (5,)))
+  # norms [4] against codes [5, 4]: the norms and codes disagree; the codes' width is right.
+  with pytest.raises(ValueError, match=r"norms.shape=\(4,\) but codes.shape=\(5, 4\)"):
+    tqjax.check_code(mse, _hand_code(mse, (5,), norms=(4,)))
+  with pytest.raises(ValueError, match=r"bits=4.*\[\.\.\., 4\].*\(5, 3\)"):
+    tqjax.check_code(mse, _hand_code(mse, (5,), words=3))
+  with pytest.raises(ValueError, match=r"norms.shape=\(5,\) but residual_norms.shape=\(6,\)"):
+    tqjax.check_code(prod, _hand_code(prod, (5,), rnorms=(6,)))
+  with pytest.raises(ValueError, match=r"\(5, 1\).*qjl_dim=64.*\[\.\.\., 2\]"):
+    tqjax.check_code(prod, _hand_code(prod, (5,), sign_words=1))
+  with pytest.raises(ValueError, match=r"has QJL signs.*'mse'"):
+    tqjax.check_code(mse, _hand_code(mse, (5,), signs=True))
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "7", True, None])
+def test_bad_seed_raises_naming_seed(seed):
+  with pytest.raises(ValueError, match="seed=") as e:
+    tqjax.QuantizerConfig(dim=32, bits=2, seed=seed)
+  assert repr(seed) in str(e.value)
+  with pytest.raises(ValueError, match="seed="):
+    tqjax.make_quantizer(32, 2, "prod", seed=seed)
+
+
+def test_array_likes_accepted():
+  tq = tqjax.make_quantizer(4, 2, "prod", seed=1)
+  x = [[1.0, -2.0, 0.5, 0.25], [0.0, 1.0, 1.0, -1.0]]
+  code = tqjax.encode(tq, x)
+  assert_codes_identical(code, tqjax.encode(tq, jnp.asarray(x)))
+  assert_close(tqjax.estimate_ip(tq, x[0], code), tqjax.estimate_ip(tq, jnp.asarray(x[0]), code), rtol=0, atol=0)
+  for bad in ({"not": "an array"}, "abcd"):
+    with pytest.raises(TypeError, match="x must be an array of vectors"):
+      tqjax.encode(tq, bad)
+  with pytest.raises(TypeError, match="x.dtype=int32"):
+    tqjax.encode(tq, [[1, 2, 3, 4]])
 
 
 # ----------------------------------------------------------------------------- distortion

@@ -172,6 +172,37 @@ def test_rotation_errors():
     tqjax.rotate(rot, jnp.zeros((4, 31)))
   with pytest.raises(ValueError, match=r"\(4, 33\)"):
     tqjax.unrotate(rot, jnp.zeros((4, 33)))
+  with pytest.raises(TypeError, match="Rotation"):
+    tqjax.rotate(tqjax.make_qjl(32), jnp.zeros(32))
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "7", True, None])
+def test_bad_seed_raises_naming_seed(seed):
+  for kind in ("haar", "hadamard"):
+    with pytest.raises(ValueError, match="seed=") as e:
+      tqjax.make_rotation(32, kind, seed=seed)
+    assert repr(seed) in str(e.value)
+
+
+def test_argument_order_and_keyword_only_seed():
+  """make_rotation(dim, kind, *, seed), as make_qjl(dim, sketch_dim, kind, *, seed)."""
+  np.testing.assert_array_equal(tqjax.make_rotation(64, "hadamard", seed=3).signs,
+                                tqjax.make_rotation(64, kind="hadamard", seed=3).signs)
+  with pytest.raises(ValueError, match="kind=3"):
+    tqjax.make_rotation(64, 3)  # a positional seed lands in `kind` and is refused
+  with pytest.raises(TypeError):
+    tqjax.make_rotation(64, "haar", 3)
+  # NumPy integer seeds are the same seed as Python ints.
+  np.testing.assert_array_equal(tqjax.make_rotation(16, seed=np.int64(5)).matrix, tqjax.make_rotation(16, seed=5).matrix)
+
+
+@pytest.mark.parametrize("kind", ["haar", "hadamard"])
+def test_array_likes_accepted(kind):
+  rot = tqjax.make_rotation(4, kind, seed=1)
+  x = [[1.0, 2.0, -0.5, 0.0]]
+  np.testing.assert_array_equal(tqjax.rotate(rot, x), tqjax.rotate(rot, jnp.asarray(x)))
+  np.testing.assert_array_equal(tqjax.unrotate(rot, x), tqjax.unrotate(rot, jnp.asarray(x)))
+  np.testing.assert_array_equal(tqjax.hadamard_transform(x), tqjax.hadamard_transform(jnp.asarray(x)))
 
 
 def test_numpy_integer_dim_accepted_bool_rejected():

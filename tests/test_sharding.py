@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.multidevice
+
 SCRIPT = Path(__file__).with_name("sharded_check.py")
 
 
-@pytest.mark.math
 def test_sharded_matches_unsharded():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)

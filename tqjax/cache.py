@@ -54,6 +54,10 @@ __all__ = [
     "scatter_tokens",
     "write_prefix",
     "split_channels",
+    "check_kv",
+    "valid_count",
+    "check_capacity",
+    "outlier_perm",
 ]
 
 
@@ -135,7 +139,7 @@ class CacheConfig:
 class Store:
   """Compressed keys or values. main/outlier: `Code` with batch dims [B, K, S].
 
-  perm: int32 [B, K, D] when outlier channels are on: channel perm[:n_out] are the outliers,
+  perm: int32 [B, K, H] when outlier channels are on: channel perm[:n_out] are the outliers,
   the rest (in increasing order) the main channels; else None.
   """
 
@@ -224,7 +228,8 @@ def init_cache(config: CacheConfig, batch_size: int, num_kv_heads: int, capacity
 # ----------------------------------------------------------------------------- writing
 
 
-def _check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
+def check_kv(cache: KVCache, k: jax.Array, v: jax.Array, op: str) -> None:
+  """Raises naming the problem unless k, v are floating arrays [B, K, T, H] of this cache, T ≤ S."""
   b, h, d = cache.batch_size, cache.num_kv_heads, cache.config.head_dim
   for name, x in (("k", k), ("v", v)):
     if not isinstance(x, (jax.Array, np.ndarray)):
@@ -265,9 +270,9 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
 
 
 def split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
-  """x [B, K, ..., D] → (main channels [..., D − n_out], outlier channels [..., n_out] or None).
+  """x [B, K, ..., H] → (main channels [..., H − n_out], outlier channels [..., n_out] or None).
 
-  perm [B, K, D] is the store's channel permutation (outliers first).
+  perm [B, K, H] is the store's channel permutation (outliers first).
   """
   if perm is None:
     return x, None
@@ -288,7 +293,7 @@ def encode_tokens(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) ->
 
 
 def _write_store(store: Store, x: jax.Array, put, n_out: int, mean, encoder) -> Store:
-  """Encodes x [B, K, T, D] (− mean [B, K, D], if given) with `encoder` and writes it into `store`
+  """Encodes x [B, K, T, H] (− mean [B, K, H], if given) with `encoder` and writes it into `store`
   with put(dst, src)."""
   if store.perm is None:
     return dataclasses.replace(store, main=jax.tree_util.tree_map(put, store.main, encoder(store.quantizer, x, mean)))
@@ -304,7 +309,7 @@ def _write(
     cache: KVCache, k: jax.Array, v: jax.Array, start: jax.Array, count: jax.Array, encoder=encode_tokens,
     prefix: bool = False,
 ) -> KVCache:
-  """Writes tokens t < count[b] of k, v [B, K, T, D] at slots start[b] + t; past capacity is dropped.
+  """Writes tokens t < count[b] of k, v [B, K, T, H] at slots start[b] + t; past capacity is dropped.
   prefix: start is 0 for every sequence (prefill), so the tokens go to slots 0 .. T − 1 in place."""
   t = k.shape[2]
   pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -331,7 +336,7 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
+def valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
   """counts [B] of real tokens among T (None: all T) → int32 [B].
 
   Concrete counts outside [0, T] raise ValueError naming them; traced ones (under jit) are
@@ -348,23 +353,25 @@ def _valid_count(counts, t: int, b: int, op: str, name: str) -> jax.Array:
 
 
 def _masked_mean(x: jax.Array, count: jax.Array) -> jax.Array:
-  """Mean over tokens t < count[b] of x [B, K, T, D] → [B, K, D] (0 where count is 0); the other
+  """Mean over tokens t < count[b] of x [B, K, T, H] → [B, K, H] (0 where count is 0); the other
   tokens are never read into it (NaN padding included)."""
   m = (jnp.arange(x.shape[2])[None, :] < count[:, None])[:, None, :, None]
   return jnp.sum(jnp.where(m, x, 0.0), axis=2) / jnp.maximum(count, 1).astype(jnp.float32)[:, None, None]
 
 
-def _outlier_perm(x: jax.Array, count: jax.Array, n_out: int) -> jax.Array:
-  """Channel permutation [B, K, D]: the n_out channels of largest RMS first, then the rest in order."""
-  rms = _masked_mean(jnp.square(x), count)
-  top = jax.lax.top_k(rms, n_out)[1].astype(jnp.int32)
-  is_out = jnp.any(jnp.arange(x.shape[-1])[None, None, :, None] == top[:, :, None, :], axis=-1)
-  rest = jnp.argsort(is_out, axis=-1, stable=True).astype(jnp.int32)[..., : x.shape[-1] - n_out]
+def outlier_perm(mean_squares: jax.Array, n_out: int) -> jax.Array:
+  """Channel permutation [B, K, H] from per-channel mean squares [B, K, H] over the real tokens:
+  the n_out largest channels first (in increasing channel order), then the rest in order."""
+  h = mean_squares.shape[-1]
+  top = jax.lax.top_k(mean_squares, n_out)[1].astype(jnp.int32)
+  is_out = jnp.any(jnp.arange(h)[None, None, :, None] == top[:, :, None, :], axis=-1)
+  rest = jnp.argsort(is_out, axis=-1, stable=True).astype(jnp.int32)[..., : h - n_out]
   return jnp.concatenate([jnp.sort(top, axis=-1), rest], axis=-1)
 
 
 def prefill_with_encoder(
-    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens
+    cache: KVCache, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None, *, encoder=encode_tokens,
+    key_mean: jax.Array | None = None,
 ) -> KVCache:
   """Starts every sequence afresh with T prompt tokens k, v [B, K, T, H] (T ≤ capacity), each
   encoded with `encoder(tq, x, mean)` (the contract of `encode_tokens`, the XLA default; fused
@@ -373,30 +380,42 @@ def prefill_with_encoder(
 
   lengths [B] (optional, in [0, T]): how many of the T tokens are real per sequence (right
   padding). The key mean (center_keys) and the outlier channels are found here from the real
-  tokens.
+  tokens; key_mean [B, K, H], if given, is used instead of the tokens' own (a sequence-sharded
+  prefill passes the mean over all shards).
   """
-  _check_kv(cache, k, v, "prefill")
+  check_kv(cache, k, v, "prefill")
   b, t = cache.batch_size, k.shape[2]
-  count = _valid_count(lengths, t, b, "prefill", "lengths")
+  count = valid_count(lengths, t, b, "prefill", "lengths")
   new = cache
   if cache.key_mean is not None:
-    new = dataclasses.replace(new, key_mean=_masked_mean(k.astype(jnp.float32), count))
+    mean = _masked_mean(k.astype(jnp.float32), count) if key_mean is None else key_mean.astype(jnp.float32)
+    new = dataclasses.replace(new, key_mean=mean)
   if cache.config.outlier_channels:
     n = cache.config.outlier_channels
     kf = k.astype(jnp.float32)
     k_c = kf - new.key_mean[:, :, None, :] if new.key_mean is not None else kf
     new = dataclasses.replace(
         new,
-        k=dataclasses.replace(new.k, perm=_outlier_perm(k_c, count, n)),
-        v=dataclasses.replace(new.v, perm=_outlier_perm(v.astype(jnp.float32), count, n)),
+        k=dataclasses.replace(new.k, perm=outlier_perm(_masked_mean(jnp.square(k_c), count), n)),
+        v=dataclasses.replace(new.v, perm=outlier_perm(_masked_mean(jnp.square(v.astype(jnp.float32)), count), n)),
     )
   return _write(new, k, v, jnp.zeros((b,), jnp.int32), count, encoder, prefix=True)
 
 
+def check_capacity(end: jax.Array, capacity: int) -> None:
+  """Raises ValueError naming the sequences whose end = lengths + new tokens [B] exceeds the
+  capacity, when `end` is concrete (outside jit); traced ends pass (see `append_checked`)."""
+  if _is_concrete(end) and np.any(np.asarray(end) > capacity):
+    over = np.flatnonzero(np.asarray(end) > capacity).tolist()
+    raise ValueError(
+        f"append past capacity={capacity}: lengths + new tokens = {np.asarray(end).tolist()} (sequences {over})"
+    )
+
+
 def _append(cache: KVCache, k: jax.Array, v: jax.Array, num_new) -> tuple[KVCache, jax.Array]:
   """Validated append: (new cache, the end lengths + count [B] before saturation)."""
-  _check_kv(cache, k, v, "append")
-  count = _valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
+  check_kv(cache, k, v, "append")
+  count = valid_count(num_new, k.shape[2], cache.batch_size, "append", "num_new")
   return _write(cache, k, v, cache.lengths, count), cache.lengths + count
 
 
@@ -409,12 +428,7 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array, num_new: jax.Array | None
   dropped and `lengths` saturates at the capacity — use `append_checked` to get an error there.
   """
   new, end = _append(cache, k, v, num_new)
-  if _is_concrete(end) and np.any(np.asarray(end) > cache.capacity):
-    over = np.flatnonzero(np.asarray(end) > cache.capacity).tolist()
-    raise ValueError(
-        f"append past capacity={cache.capacity}: lengths + new tokens = {np.asarray(end).tolist()} "
-        f"(sequences {over})"
-    )
+  check_capacity(end, cache.capacity)
   return new
 
 

@@ -17,6 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "Codebook",
+    "check_bits",
+    "dequantize",
+    "distortion",
+    "lloyd_max",
+    "make_codebook",
+    "quantize",
+]
+
 MIN_BITS, MAX_BITS = 1, 8
 
 
@@ -92,7 +104,8 @@ def lloyd_max(bits: int, dim: int, tol: float = 1e-12, max_iter: int = 20000):
 
 
 def make_codebook(bits: int, dim: int) -> Codebook:
-  """The cached Lloyd–Max codebook for (bits, dim) as a float32 pytree."""
+  """The cached Lloyd–Max codebook for (bits, dim) as a float32 pytree: centroids [2^bits],
+  boundaries [2^bits − 1]."""
   c, b, _ = lloyd_max(check_bits(bits), dim)
   return Codebook(bits, dim, jnp.asarray(c, jnp.float32), jnp.asarray(b, jnp.float32))
 
@@ -105,8 +118,10 @@ def distortion(bits: int, dim: int) -> float:
 def quantize(cb: Codebook, y: jax.Array) -> jax.Array:
   """Nearest-centroid index per coordinate, by binary search over the boundaries.
 
-  y: [...] float. Returns [...] uint8 codes in [0, 2^bits). NaN maps to code 2^bits − 1.
+  y: [...] float (array-like). Returns [...] uint8 codes in [0, 2^bits). NaN maps to code
+  2^bits − 1.
   """
+  y = jnp.asarray(y)
   # Up to 4 bits, comparing against all 2^b − 1 boundaries is one fused elementwise pass; wider
   # codebooks use an unrolled binary search (b steps). Both count the boundaries below y.
   method = "compare_all" if cb.bits <= 4 else "scan_unrolled"

@@ -1,39 +1,43 @@
-"""Flax layers over the compressed KV cache: an NNX attention layer, a Linen wrapper, and a tiny
-Gemma-style decoder for experiments.
+"""Flax attention over the KV caches: an NNX layer and its Linen form.
 
-Owns: `TurboQuantAttention` (q/k/v/o projections, GQA/MQA, optional RoPE, a compressed or
-full-precision KV cache held in one `nnx.Cache` variable), `TurboQuantAttentionLinen` (the same
-computation, cache in Linen's `'cache'` collection), `DenseKVCache` (the uncompressed cache with
-the same interface, used when `cache_config=None`), and `GemmaStyleDecoder` (RMSNorm, RoPE, GQA,
-gated MLP, tied embeddings, a greedy `generate` that compiles once).
+Owns `TurboQuantAttention` (q/k/v/o projections, GQA/MQA, optional QK-norm and RoPE, a
+compressed or full-precision KV cache held in one `nnx.Cache` variable),
+`TurboQuantAttentionLinen` (the same computation, cache in Linen's `'cache'` collection),
+`linen_params_from_nnx`, and the pieces real decoders share with it: `RMSNorm` / `rms_norm`
+(Gemma's (1 + w) form) and `apply_rope`.
 
-Cache state. The whole cache pytree (`tqjax.cache.KVCache`, or `DenseKVCache`) is the value of a
-single `nnx.Cache` variable. A Variable's value may be any pytree: `nnx.jit` traces through it
-(mutations are written back), and `nnx.split(model, nnx.Cache, ...)` yields a State whose leaves
-are the cache's arrays, so a `lax.scan`/`while_loop` sampler carries it like any other carry.
-One variable keeps the cache's static metadata (CacheConfig, quantizer configs) in the pytree
-structure, where the functional API expects it, rather than scattered over per-leaf variables.
-The quantizer constants (rotation, codebook, QJL sketch: a few KiB per layer) ride along in
-the same state; `nbytes()` counts only what grows with tokens (see `tqjax.cache.nbytes`).
+Caches. `cache_config` picks the cache: a `tqjax.cache.CacheConfig` keeps TurboQuant codes
+(`tqjax.cache` writes them, `tqjax.ops` reads them); a `tqjax.dense_cache.DenseCacheConfig`, or
+None (the layer's dtype), keeps k and v uncompressed (`tqjax.dense_cache`, same operations and
+signatures). `implementation` (None | "xla" | "pallas") goes to every cache operation that has a
+choice: the prefill's encode and single- and multi-token decode attention.
 
-Modes. prefill: full-precision attention over the fresh chunk (causal or bidirectional,
-key-padding mask from `lengths`), then the chunk is written into the cache (starting every
-sequence afresh). decode: the new token(s) are appended at each sequence's own length and
-attend over the cache (`tqjax.cache.attention` for one token, `chunked_attention` for several).
-Without an initialized cache, prefill is a plain attention layer that stores nothing.
+Cache state. The whole cache pytree is the value of a single `nnx.Cache` variable. A Variable's
+value may be any pytree: `nnx.jit` traces through it (mutations are written back), and
+`nnx.split(model, nnx.Cache, ...)` yields a State whose leaves are the cache's arrays, so a
+`lax.scan`/`while_loop` sampler carries it like any other carry. One variable keeps the cache's
+static metadata (its config, quantizer configs) in the pytree structure, where the functional API
+expects it. The quantizer constants (rotation, codebook, QJL sketch: a few KiB per layer) ride
+along in the same state; `nbytes()` counts only what grows with tokens.
 
-Einsum letters (as in tqjax.cache): B batch, T query tokens, S cache slots / key tokens, N query
-heads, K kv heads, G query heads per kv head, H head dim, D model dim.
+Modes. prefill: full-precision attention of the prompt over itself (causal or bidirectional,
+padding from `lengths`; `tqjax.dense_cache.prompt_attention`), then the prompt is written into
+the cache, starting every sequence afresh. decode: the new token(s) are appended at each
+sequence's own length and attend over the cache (`attention` for one token, `chunked_attention`
+for several). Without an initialized cache, prefill is a plain attention layer that stores nothing.
+
+Shapes: B batch, T query tokens, S cache slots, N query heads, K kv heads, G query heads per kv
+head (N = K·G), H head dim, D model width (in_features).
 
 Imports flax at module top; `tqjax/__init__.py` does not import this module.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
+import types
 from typing import Any
 
 import flax.linen as nn
@@ -43,147 +47,74 @@ import numpy as np
 from flax import nnx
 
 from tqjax import cache as tqcache
+from tqjax import dense_cache
 from tqjax import ops as tq_ops
 from tqjax.cache import CacheConfig, KVCache
+from tqjax.dense_cache import DenseCacheConfig, DenseKVCache
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+__all__ = [
+    "MODES",
+    "rms_norm",
+    "RMSNorm",
+    "apply_rope",
+    "TurboQuantAttention",
+    "TurboQuantAttentionLinen",
+    "linen_params_from_nnx",
+]
+
 MODES = ("prefill", "decode")
 
-# Python side-effect counters, bumped while tracing (not while running): tests use them to
-# check that a generation loop compiles once.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+# The compressed cache's operations under the names `tqjax.dense_cache` gives the dense one's.
+_COMPRESSED = types.SimpleNamespace(
+    init_cache=tqcache.init_cache, prefill=tq_ops.prefill, append=tqcache.append, attention=tq_ops.attention,
+    chunked_attention=tq_ops.chunked_attention, nbytes=tqcache.nbytes)
 
 
-# ----------------------------------------------------------------------------- dense cache
+def _cache_ops(config_or_cache):
+  """The module of operations for a cache (or its config): `tqjax.dense_cache` or the compressed ones."""
+  return dense_cache if isinstance(config_or_cache, (DenseCacheConfig, DenseKVCache)) else _COMPRESSED
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "lengths"), meta_fields=())
-@dataclasses.dataclass(frozen=True)
-class DenseKVCache:
-  """An uncompressed cache with KVCache's layout: k, v [B, K, S, H], lengths int32 [B]."""
-
-  k: jax.Array
-  v: jax.Array
-  lengths: jax.Array
-
-  @property
-  def batch_size(self) -> int:
-    return self.k.shape[0]
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.k.shape[1]
-
-  @property
-  def capacity(self) -> int:
-    return self.k.shape[2]
+# ----------------------------------------------------------------------------- shared pieces
 
 
-def init_dense_cache(batch_size: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> DenseKVCache:
-  z = jnp.zeros((batch_size, num_kv_heads, capacity, head_dim), dtype)
-  return DenseKVCache(z, z, jnp.zeros((batch_size,), jnp.int32))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Gemma's RMSNorm over the last axis: x / rms(x) · (1 + scale), statistics in float32.
 
-
-def dense_nbytes(batch_size: int, num_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.bfloat16) -> int:
-  """Bytes of a full-precision k+v cache (plus int32 lengths), the baseline of compression ratios."""
-  return 2 * batch_size * num_kv_heads * capacity * head_dim * jnp.dtype(dtype).itemsize + 4 * batch_size
-
-
-def _dense_write(cache: DenseKVCache, k, v, start, count) -> DenseKVCache:
-  """Writes tokens t < count[b] of k, v [B, K, T, H] at slots start[b] + t (past capacity dropped)."""
-  t = k.shape[2]
-  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  ok = jnp.arange(t)[None, :] < count[:, None]  # [B, T]
-
-  def put(dst, src):  # dst [B, K, S, H] ← src [B, K, T, H]
-    return tqcache.scatter_tokens(dst, src.astype(dst.dtype), pos, ok)
-
-  return DenseKVCache(put(cache.k, k), put(cache.v, v), jnp.minimum(start + count, cache.capacity).astype(jnp.int32))
-
-
-def _count(lengths, t: int, b: int) -> jax.Array:
-  if lengths is None:
-    return jnp.full((b,), t, jnp.int32)
-  return jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, t)
-
-
-def dense_prefill(cache: DenseKVCache, k, v, lengths=None) -> DenseKVCache:
-  """Starts every sequence afresh with k, v [B, K, T, H]; lengths [B] real tokens (≤ T)."""
-  fresh = DenseKVCache(jnp.zeros_like(cache.k), jnp.zeros_like(cache.v), jnp.zeros_like(cache.lengths))
-  return _dense_write(fresh, k, v, jnp.zeros_like(cache.lengths), _count(lengths, k.shape[2], cache.batch_size))
-
-
-def dense_append(cache: DenseKVCache, k, v) -> DenseKVCache:
-  """Appends k, v [B, K, T, H] at each sequence's current length."""
-  return _dense_write(cache, k, v, cache.lengths, _count(None, k.shape[2], cache.batch_size))
-
-
-def _masked_attention(q, k, v, ok, *, scale: float, soft_cap: float | None):
-  """Full-precision attention with an explicit mask (the one code path both for prefill and for
-  decoding over a DenseKVCache, so that prefill + decode reproduces a full forward pass).
-
-  q [B, K, G, T, H], k, v [B, K, S, H], ok bool broadcastable to [B, K, G, T, S]
-  → [B, K, G, T, H] float32. A query with no visible key gets zeros.
+  x [..., D], scale [D] → [..., D] in x's dtype (D the normalized width: the model's, or H for
+  QK-norm). A checkpoint that stores the multiplier
+  m = 1 + scale itself is loaded as scale = m − 1.
   """
-  logits = jnp.einsum("bkgth,bksh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32), precision=_HIGHEST)
-  logits = logits * jnp.float32(scale)
-  if soft_cap is not None:
-    logits = jnp.float32(soft_cap) * jnp.tanh(logits / jnp.float32(soft_cap))
-  logits = jnp.where(ok, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bkgts,bksh->bkgth", p, v.astype(jnp.float32), precision=_HIGHEST)
-  return out / jnp.where(l > 0, l, 1.0)
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + jnp.float32(eps))
+  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def _visible(q_pos, k_pos, k_valid, *, causal: bool, sliding_window: int | None):
-  """Mask [B, T, S]: key slot s visible to query t. q_pos [B, T], k_pos [S] or [B, S], k_valid [B, S].
+class RMSNorm(nnx.Module):
+  """`rms_norm` with a learned scale [D] (initialized to 0: the identity multiplier)."""
 
-  Same ranges as tqjax.cache's chunked attention: causal → k_pos ≤ q_pos; the sliding window
-  keeps the last `sliding_window` positions up to the query (causal) or up to the last key.
-  """
-  k_pos = jnp.broadcast_to(k_pos, k_valid.shape)[:, None, :]
-  ok = k_valid[:, None, :]
-  if causal:
-    ok = ok & (k_pos <= q_pos[:, :, None])
-    hi = q_pos[:, :, None] + 1
-  else:
-    hi = jnp.max(jnp.where(k_valid, k_pos + 1, 0), axis=-1)[:, None, None]
-  if sliding_window is not None:
-    ok = ok & (k_pos >= hi - sliding_window)
-  return ok
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.eps = eps
 
-
-def _dense_cache_attention(cache: DenseKVCache, q, *, scale, soft_cap, sliding_window, causal):
-  """q [B, N, T, H] of the T tokens just appended → [B, N, T, H] over the dense cache."""
-  b, n, t, h = q.shape
-  kh = cache.num_kv_heads
-  qg = q.reshape(b, kh, n // kh, t, h)
-  slots = jnp.arange(cache.capacity, dtype=jnp.int32)
-  q_pos = cache.lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
-  k_valid = slots[None, :] < cache.lengths[:, None]
-  ok = _visible(q_pos, slots, k_valid, causal=causal, sliding_window=sliding_window)
-  out = _masked_attention(qg, cache.k, cache.v, ok[:, None, None], scale=scale, soft_cap=soft_cap)
-  return out.reshape(b, n, t, h).astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------- RoPE and the core
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] → [..., D]."""
+    return rms_norm(x, self.scale.get_value(), self.eps)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotary embedding (Gemma's half-split layout). x [B, T, N, H] (H even), positions [B, T]."""
+  """Rotary embedding in the half-split layout (Gemma, Hugging Face Llama): channel i pairs with
+  i + H/2 and turns by positions · base^(−2i/H). x [B, T, N, H] (H even), positions [B, T] →
+  [B, T, N, H] in x's dtype."""
   h = x.shape[-1]
-  frac = 2.0 * jnp.arange(h // 2, dtype=jnp.float32) / h
-  inv_freq = 1.0 / (jnp.float32(base) ** frac)
+  inv_freq = 1.0 / (jnp.float32(base) ** (2.0 * jnp.arange(h // 2, dtype=jnp.float32) / h))
   angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+# ----------------------------------------------------------------------------- the computation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,102 +124,60 @@ class _Spec:
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  use_rope: bool
-  rope_base: float
+  cache_config: CacheConfig | DenseCacheConfig
+  rope_base: float | None
   causal: bool
   sliding_window: int | None
   soft_cap: float | None
   scale: float
+  qk_norm: bool
+  qk_norm_eps: float
   implementation: str | None
 
 
 def _attend(spec: _Spec, cache, q, k, v, *, mode: str, lengths):
-  """The layer's attention after projection. q [B, T, N, H], k, v [B, T, K, H] (pre-RoPE).
-
-  cache: KVCache | DenseKVCache | None. Returns (out [B, T, N, H] in q's dtype, new cache).
-  """
+  """The layer's attention after projection (and QK-norm): q [B, T, N, H], k, v [B, T, K, H],
+  before RoPE. cache: KVCache | DenseKVCache | None. → (out [B, T, N, H] in q's dtype, new cache)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode=!r}")
   b, t = q.shape[:2]
-  kh, g = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
-  if cache is not None and cache.batch_size != b:
-    raise ValueError(f"{mode}: batch size {b} differs from the cache's batch_size={cache.batch_size}")
+  opts = dict(scale=spec.scale, soft_cap=spec.soft_cap, sliding_window=spec.sliding_window)
+  if mode == "prefill":
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  else:
+    if cache is None:
+      raise ValueError("decode before init_cache: call init_cache(batch_size, capacity) first")
+    if lengths is not None:
+      raise ValueError("decode: lengths is only for ragged prefill; decode appends T tokens to every sequence")
+    pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  if spec.rope_base is not None:
+    q, k = apply_rope(q, pos, spec.rope_base), apply_rope(k, pos, spec.rope_base)
+  qh, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, N, T, H], [B, K, T, H]
 
   if mode == "prefill":
-    if cache is not None and t > cache.capacity:
-      raise ValueError(f"prefill: the prompt has {t} tokens, longer than the cache (max_length={cache.capacity})")
-    if lengths is not None:
-      lengths = jnp.asarray(lengths)
-      if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"prefill: lengths must be integers of shape [{b}], got {lengths.dtype} {lengths.shape}")
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if spec.use_rope:
-      q, k = apply_rope(q, pos, spec.rope_base), apply_rope(k, pos, spec.rope_base)
-    count = _count(lengths, t, b)
-    k_valid = pos < count[:, None]
-    ok = _visible(pos, pos, k_valid, causal=spec.causal, sliding_window=spec.sliding_window)
-    qg = q.transpose(0, 2, 1, 3).reshape(b, kh, g, t, spec.head_dim)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    out = _masked_attention(qg, kt, vt, ok[:, None, None], scale=spec.scale, soft_cap=spec.soft_cap)
-    out = out.reshape(b, spec.num_heads, t, spec.head_dim).transpose(0, 2, 1, 3).astype(q.dtype)
-    if cache is None:
-      return out, None
-    if isinstance(cache, DenseKVCache):
-      return out, dense_prefill(cache, kt, vt, count)
-    return out, tq_ops.prefill(cache, kt, vt, count)
-
-  # decode
-  if cache is None:
-    raise ValueError("decode before init_cache: call init_cache(batch_size, max_length) first")
-  if lengths is not None:
-    raise ValueError("decode: lengths is only for ragged prefill; decode appends T tokens to every sequence")
-  if t > cache.capacity:
-    raise ValueError(f"decode: {t} new tokens exceed the cache (max_length={cache.capacity})")
-  if _is_concrete(cache.lengths):  # inside jit the overflow cannot be seen; tokens past capacity are dropped
-    end = int(np.max(np.asarray(cache.lengths))) + t
-    if end > cache.capacity:
-      raise ValueError(f"decode: sequence length {end} would exceed the cache (max_length={cache.capacity})")
-  pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  if spec.use_rope:
-    q, k = apply_rope(q, pos, spec.rope_base), apply_rope(k, pos, spec.rope_base)
-  qh = q.transpose(0, 2, 1, 3)  # [B, N, T, H]
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  opts = dict(scale=spec.scale, soft_cap=spec.soft_cap, sliding_window=spec.sliding_window)
-  if isinstance(cache, DenseKVCache):
-    cache = dense_append(cache, kt, vt)
-    out = _dense_cache_attention(cache, qh, causal=spec.causal, **opts)
+    if cache is not None:
+      cache = _cache_ops(cache).prefill(cache, kt, vt, lengths, implementation=spec.implementation)
+    out = dense_cache.prompt_attention(qh, kt, vt, lengths, causal=spec.causal, **opts)
   else:
-    cache = tqcache.append(cache, kt, vt)
-    if t == 1 and spec.causal:
-      out = tq_ops.attention(cache, qh[:, :, 0], implementation=spec.implementation, **opts)[:, :, None]
+    ops = _cache_ops(cache)
+    cache = ops.append(cache, kt, vt)
+    if t == 1:  # causal or not, the newest token sees every cached position
+      out = ops.attention(cache, qh[:, :, 0], implementation=spec.implementation, **opts)[:, :, None]
     else:
-      out = tq_ops.chunked_attention(cache, qh, causal=spec.causal, **opts)
+      out = ops.chunked_attention(cache, qh, causal=spec.causal, implementation=spec.implementation, **opts)
   return out.transpose(0, 2, 1, 3).astype(q.dtype), cache
 
 
-def _new_cache(config: CacheConfig | None, batch_size, num_kv_heads, max_length, head_dim, dtype):
-  for name, val in (("batch_size", batch_size), ("max_length", max_length)):
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-      raise ValueError(f"{name} must be a positive integer, got {name}={val!r}")
-  if config is None:
-    cache = init_dense_cache(batch_size, num_kv_heads, max_length, head_dim, dtype)
-  else:
-    cache = tqcache.init_cache(config, batch_size, num_kv_heads, max_length)
+def _new_cache(spec: _Spec, batch_size: int, capacity: int):
+  cfg = spec.cache_config
+  cache = _cache_ops(cfg).init_cache(cfg, batch_size, spec.num_kv_heads, capacity)
   # When this runs under jit (Linen init), the barrier stops XLA from constant-folding the
   # zero arrays through the first write's scatter into a literal of the cache's full size.
   return jax.lax.optimization_barrier(cache)
 
 
-def _cache_nbytes(cache) -> int:
-  if cache is None:
-    return 0
-  if isinstance(cache, DenseKVCache):
-    return sum(int(x.nbytes) for x in (cache.k, cache.v, cache.lengths))
-  return tqcache.nbytes(cache)
-
-
-def _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, *, use_rope, rope_base,
-               causal, sliding_window, soft_cap, scale, implementation) -> _Spec:
+def _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, dtype, *, rope_base, causal,
+               sliding_window, soft_cap, scale, qk_norm, qk_norm_eps, implementation) -> _Spec:
   for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
     if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
       raise ValueError(f"{name} must be a positive integer, got {name}={val!r}")
@@ -298,30 +187,41 @@ def _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, *, 
     if in_features is None or in_features % num_heads:
       raise ValueError(f"head_dim not given and in_features={in_features} is not divisible by num_heads={num_heads}")
     head_dim = in_features // num_heads
-  if use_rope and head_dim % 2:
+  if rope_base is not None and (isinstance(rope_base, bool) or not isinstance(rope_base, (int, float))
+                                or not 1 < rope_base < math.inf):
+    raise ValueError(f"rope_base must be a finite number > 1 or None (no RoPE), got {rope_base=}")
+  if rope_base is not None and head_dim % 2:
     raise ValueError(f"RoPE needs an even head_dim, got head_dim={head_dim}")
-  if cache_config is not None and cache_config.head_dim != head_dim:
+  if cache_config is None:
+    cache_config = DenseCacheConfig(head_dim, dtype)
+  if not isinstance(cache_config, (CacheConfig, DenseCacheConfig)):
+    raise TypeError(f"cache_config must be a CacheConfig, a DenseCacheConfig or None, got {type(cache_config).__name__}")
+  if cache_config.head_dim != head_dim:
     raise ValueError(f"cache_config.head_dim={cache_config.head_dim} must equal the layer's head_dim={head_dim}")
-  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
-    raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window=}")
+  tq_ops.check_options(scale, soft_cap, sliding_window)
+  if not isinstance(qk_norm_eps, (int, float)) or not qk_norm_eps > 0:
+    raise ValueError(f"qk_norm_eps must be a positive number, got {qk_norm_eps=}")
   if implementation not in tq_ops.IMPLEMENTATIONS:
     raise ValueError(f"{implementation=} must be one of {tq_ops.IMPLEMENTATIONS}")
-  return _Spec(int(num_heads), int(num_kv_heads), int(head_dim), bool(use_rope), float(rope_base), bool(causal),
-               sliding_window, soft_cap, float(1.0 / math.sqrt(head_dim) if scale is None else scale), implementation)
+  return _Spec(int(num_heads), int(num_kv_heads), int(head_dim), cache_config,
+               None if rope_base is None else float(rope_base), bool(causal), sliding_window, soft_cap,
+               float(1.0 / math.sqrt(head_dim) if scale is None else scale), bool(qk_norm), float(qk_norm_eps),
+               implementation)
 
 
 # ----------------------------------------------------------------------------- NNX layer
 
 
 class TurboQuantAttention(nnx.Module):
-  """Self-attention with a TurboQuant-compressed (or, with cache_config=None, full-precision) KV cache.
+  """Self-attention with a TurboQuant-compressed (or full-precision) KV cache.
 
-  x [B, T, in_features] → [B, T, out_features]. Heads: num_heads query heads share
-  num_kv_heads key/value heads (GQA; num_kv_heads=1 is MQA). RoPE (optional) is applied to
-  q and k before k is cached, at positions 0..T−1 for prefill and lengths[b]+t for decode.
+  x [B, T, D] → [B, T, out_features]. num_heads query heads share num_kv_heads key/value heads
+  (GQA; 1 is MQA). Per head, q and k are optionally RMS-normalized (qk_norm) and then rotated
+  (RoPE at positions 0 .. T − 1 for prefill, lengths[b] + t for decode) before k is cached.
 
-      layer = TurboQuantAttention(256, 8, 2, 64, cache_config=CacheConfig(head_dim=64), use_rope=True, rngs=nnx.Rngs(0))
-      layer.init_cache(batch_size=4, max_length=512)
+      layer = TurboQuantAttention(256, 8, 2, 64, cache_config=CacheConfig(head_dim=64),
+                                  rope_base=10000.0, rngs=nnx.Rngs(0))
+      layer.init_cache(batch_size=4, capacity=512)
       y = layer(prompt, mode="prefill", lengths=prompt_lengths)   # [4, T, 256]
       y = layer(x_new, mode="decode")                             # [4, 1, 256]
 
@@ -337,60 +237,63 @@ class TurboQuantAttention(nnx.Module):
       head_dim: int | None = None,
       *,
       out_features: int | None = None,
-      cache_config: CacheConfig | None = None,
-      use_rope: bool = False,
-      rope_base: float = 10000.0,
+      cache_config: CacheConfig | DenseCacheConfig | None = None,
+      rope_base: float | None = None,
       causal: bool = True,
       sliding_window: int | None = None,
       soft_cap: float | None = None,
       scale: float | None = None,
+      qk_norm: bool = False,
+      qk_norm_eps: float = 1e-6,
       qkv_bias: bool = False,
       out_bias: bool = False,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
-      cache_dtype=None,
       precision=None,
       implementation: str | None = None,
       kernel_init=nnx.initializers.lecun_normal(),
       rngs: nnx.Rngs,
   ):
-    """cache_config: None keeps a full-precision cache (cache_dtype, default `dtype`).
-    scale: logit scale, default 1/√head_dim. soft_cap: cap·tanh(logit/cap) on logits.
-    implementation: None | "xla" | "pallas" for single-token decode over the compressed cache.
+    """in_features D; head_dim H (default D / num_heads); out_features (default D).
+
+    cache_config: a CacheConfig (compressed), a DenseCacheConfig, or None (dense, in `dtype`).
+    rope_base: RoPE's base θ (e.g. 1e4, 1e5, 1e6), None for no RoPE. causal=False attends
+    bidirectionally. sliding_window: attend only the last W positions (the query's own included).
+    soft_cap: cap·tanh(logit/cap) on logits. scale: logit scale, default 1/√H (Gemma 3:
+    query_pre_attn_scalar^−½). qk_norm: RMSNorm (1 + w, over H, shared by heads) on q and k
+    before RoPE, params `q_norm.scale`, `k_norm.scale` [H]. implementation: None | "xla" |
+    "pallas" for the cache's prefill encode and decode attention.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    self.spec = _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, use_rope=use_rope,
-                           rope_base=rope_base, causal=causal, sliding_window=sliding_window,
-                           soft_cap=soft_cap, scale=scale, implementation=implementation)
+    self.spec = _make_spec(num_heads, num_kv_heads, head_dim, in_features, cache_config, dtype, rope_base=rope_base,
+                           causal=causal, sliding_window=sliding_window, soft_cap=soft_cap, scale=scale,
+                           qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, implementation=implementation)
     n, k, h = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
     self.in_features = in_features
     self.out_features = in_features if out_features is None else out_features
-    self.cache_config = cache_config
-    self.dtype = dtype
-    self.cache_dtype = dtype if cache_dtype is None else cache_dtype
     lin = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, precision=precision,
                             kernel_init=kernel_init, rngs=rngs)
     self.q_proj = lin(in_features, n * h, use_bias=qkv_bias)
     self.k_proj = lin(in_features, k * h, use_bias=qkv_bias)
     self.v_proj = lin(in_features, k * h, use_bias=qkv_bias)
     self.o_proj = lin(n * h, self.out_features, use_bias=out_bias)
+    norm = lambda: RMSNorm(h, eps=qk_norm_eps, param_dtype=param_dtype) if qk_norm else None
+    self.q_norm, self.k_norm = nnx.data(norm()), nnx.data(norm())
     self.kv_cache = nnx.data(None)  # an nnx.Cache holding the cache pytree after init_cache
 
-  # -- convenience views of the static spec
   num_heads = property(lambda self: self.spec.num_heads)
   num_kv_heads = property(lambda self: self.spec.num_kv_heads)
   head_dim = property(lambda self: self.spec.head_dim)
+  cache_config = property(lambda self: self.spec.cache_config)
   implementation = property(lambda self: self.spec.implementation)
 
-  def init_cache(self, batch_size: int, max_length: int) -> None:
-    """Allocates an empty cache (all lengths 0) for batch_size sequences of up to max_length tokens."""
-    cache = _new_cache(self.cache_config, batch_size, self.spec.num_kv_heads, max_length, self.spec.head_dim,
-                       self.cache_dtype)
-    self.kv_cache = nnx.Cache(cache)
+  def init_cache(self, batch_size: int, capacity: int) -> None:
+    """Allocates an empty cache (all lengths 0) for batch_size sequences of up to capacity tokens."""
+    self.kv_cache = nnx.Cache(_new_cache(self.spec, batch_size, capacity))
 
   @property
   def cache(self) -> KVCache | DenseKVCache | None:
-    """The cache pytree (tqjax.cache.KVCache, DenseKVCache) or None before init_cache."""
+    """The cache pytree, or None before init_cache."""
     return None if self.kv_cache is None else self.kv_cache.get_value()
 
   @property
@@ -401,21 +304,25 @@ class TurboQuantAttention(nnx.Module):
 
   def nbytes(self) -> int:
     """Resident bytes of the per-token / per-sequence cache arrays (quantizer constants excluded)."""
-    return _cache_nbytes(self.cache)
+    c = self.cache
+    return 0 if c is None else _cache_ops(c).nbytes(c)
 
   def project(self, x: jax.Array):
-    """x [B, T, in] → q [B, T, N, H], k, v [B, T, K, H] (before RoPE)."""
+    """x [B, T, D] → q [B, T, N, H], k, v [B, T, K, H] (QK-norm applied, RoPE not)."""
     b, t, _ = x.shape
     n, k, h = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
-    return (self.q_proj(x).reshape(b, t, n, h), self.k_proj(x).reshape(b, t, k, h),
-            self.v_proj(x).reshape(b, t, k, h))
+    q, kk, v = (self.q_proj(x).reshape(b, t, n, h), self.k_proj(x).reshape(b, t, k, h),
+                self.v_proj(x).reshape(b, t, k, h))
+    if self.q_norm is not None:
+      q, kk = self.q_norm(q), self.k_norm(kk)
+    return q, kk, v
 
   def __call__(self, x: jax.Array, *, mode: str = "prefill", lengths: jax.Array | None = None) -> jax.Array:
-    """x [B, T, in_features] → [B, T, out_features].
+    """x [B, T, D] → [B, T, out_features].
 
-    mode="prefill": attention over the chunk in full precision; writes it into the cache (if
-      initialized), restarting every sequence. lengths [B] (optional): real tokens per sequence
-      (right padding); padded keys are masked and not cached.
+    mode="prefill": attention over the prompt in full precision; writes it into the cache (if
+      initialized), restarting every sequence. lengths [B] (optional, in [0, T]): real tokens
+      per sequence (right padding); padding keys are not attended and not cached.
     mode="decode": appends the T tokens at each sequence's length, attends over the cache.
     """
     if x.ndim != 3 or x.shape[-1] != self.in_features:
@@ -441,17 +348,21 @@ class TurboQuantAttention(nnx.Module):
       bk=None,
       bv=None,
       bo=None,
+      q_norm=None,
+      k_norm=None,
       num_heads: int | None = None,
       num_kv_heads: int | None = None,
-      cache_config: CacheConfig | None = None,
+      cache_config: CacheConfig | DenseCacheConfig | None = None,
       **kwargs,
   ) -> TurboQuantAttention:
     """A layer with the given projections (no retraining, no random init).
 
-    wq [in, N, H] or [in, N·H]; wk, wv [in, K, H] or [in, K·H]; wo [N, H, out] or [N·H, out]
+    wq [D, N, H] or [D, N·H]; wk, wv [D, K, H] or [D, K·H]; wo [N, H, out] or [N·H, out]
     (inputs multiply on the left: q = x @ wq). Biases (optional) match the outputs: bq [N, H]
-    or [N·H], bk, bv [K, H] or [K·H], bo [out]. With 2-D weights num_heads is required
-    (num_kv_heads defaults to num_heads). kwargs go to the constructor (use_rope, causal, ...).
+    or [N·H], bk, bv [K, H] or [K·H], bo [out]. q_norm, k_norm [H] (optional, both or neither):
+    QK-norm scales in `rms_norm`'s (1 + scale) form; giving them turns qk_norm on. With 2-D
+    weights num_heads is required (num_kv_heads defaults to num_heads). kwargs go to the
+    constructor (rope_base, causal, sliding_window, ...).
     """
     wq, wk, wv, wo = (jnp.asarray(w) for w in (wq, wk, wv, wo))
     if wq.ndim == 3:
@@ -474,9 +385,16 @@ class TurboQuantAttention(nnx.Module):
     for name, w in (("wk", flat_k), ("wv", flat_v), ("wo", flat_o)):
       if w.shape != want[name]:
         raise ValueError(f"{name} flattens to {w.shape}, expected {want[name]} "
-                         f"(in={in_features}, heads={num_heads}, kv_heads={num_kv_heads}, head_dim={head_dim})")
+                         f"(D={in_features}, N={num_heads}, K={num_kv_heads}, H={head_dim})")
     if (bq is None) != (bk is None) or (bq is None) != (bv is None):
       raise ValueError("give all of bq, bk, bv or none of them")
+    if (q_norm is None) != (k_norm is None):
+      raise ValueError("give both q_norm and k_norm or neither")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+      if w is not None and jnp.shape(w) != (head_dim,):
+        raise ValueError(f"{name} must be [H={head_dim}], got {name}.shape={jnp.shape(w)}")
+    if q_norm is not None:
+      kwargs["qk_norm"] = True
     kwargs.setdefault("param_dtype", wq.dtype)
     kwargs.setdefault("dtype", wq.dtype)
     layer = nnx.eval_shape(lambda: cls(
@@ -491,17 +409,22 @@ class TurboQuantAttention(nnx.Module):
       put(lin.kernel, w)
       if bias is not None:
         put(lin.bias, bias)
+    if layer.q_norm is not None:
+      q_norm = jnp.zeros((head_dim,)) if q_norm is None else q_norm
+      k_norm = jnp.zeros((head_dim,)) if k_norm is None else k_norm
+      put(layer.q_norm.scale, q_norm)
+      put(layer.k_norm.scale, k_norm)
     return layer
 
   @classmethod
   def from_multihead_attention(
-      cls, mha: nnx.MultiHeadAttention, cache_config: CacheConfig | None = None, **kwargs
+      cls, mha: nnx.MultiHeadAttention, cache_config: CacheConfig | DenseCacheConfig | None = None, **kwargs
   ) -> TurboQuantAttention:
     """A layer computing what `mha` computes (self-attention), with its q/k/v/o weights copied.
 
     nnx.MultiHeadAttention attends bidirectionally unless given a mask: pass causal=False to
     reproduce `mha(x)`, causal=True (the default) to reproduce `mha(x, mask=nnx.make_causal_mask(...))`.
-    Unsupported: normalize_qk, and cross-attention (in_kv_features ≠ in_features).
+    Unsupported: normalize_qk (a LayerNorm, not this layer's RMSNorm), and cross-attention.
     """
     if mha.normalize_qk:
       raise NotImplementedError("from_multihead_attention: normalize_qk=True is not supported")
@@ -521,60 +444,73 @@ class TurboQuantAttention(nnx.Module):
 # ----------------------------------------------------------------------------- Linen wrapper
 
 
+class _RMSNormLinen(nn.Module):
+  eps: float
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    return rms_norm(x, self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype), self.eps)
+
+
 class TurboQuantAttentionLinen(nn.Module):
   """Linen form of `TurboQuantAttention`: same parameters (q_proj/k_proj/v_proj/o_proj, each
-  {'kernel', 'bias'}), same computation, cache in the `'cache'` collection under 'kv'.
+  {'kernel', 'bias'}; q_norm/k_norm {'scale'} with qk_norm), same options, same computation,
+  cache in the `'cache'` collection under 'kv'.
 
-  The cache is created on the first call (typically `init`), for the call's batch size and
-  `max_length` slots (default: the call's length). Thereafter use
-  `apply(variables, x, mode=..., mutable=['cache'])`. A prefill whose 'cache' collection is not
-  mutable computes attention without storing anything; decode needs it mutable.
+  x [B, T, D] → [B, T, out_features]. The cache is created on the first call (typically
+  `init`), for the call's batch size and `capacity` slots (default: the call's T). Thereafter
+  use `apply(variables, x, mode=..., mutable=['cache'])`. A prefill whose 'cache' collection is
+  not mutable computes attention without storing anything; decode needs it mutable.
   """
 
   num_heads: int
   num_kv_heads: int | None = None
   head_dim: int | None = None
   out_features: int | None = None
-  cache_config: CacheConfig | None = None
-  max_length: int | None = None
-  use_rope: bool = False
-  rope_base: float = 10000.0
+  cache_config: CacheConfig | DenseCacheConfig | None = None
+  capacity: int | None = None
+  rope_base: float | None = None
   causal: bool = True
   sliding_window: int | None = None
   soft_cap: float | None = None
   scale: float | None = None
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-6
   qkv_bias: bool = False
   out_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  cache_dtype: Any = None
   precision: Any = None
   implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str = "prefill", lengths: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D] → [B, T, out_features]; mode and lengths as in `TurboQuantAttention.__call__`."""
     if mode == "decode" and not self.has_variable("cache", "kv"):
       raise ValueError("decode before init_cache: the 'cache' collection is empty; run a first call "
                        "(model.init or a prefill with mutable=['cache']) to create it")
     b, t, d = x.shape
     kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    spec = _make_spec(self.num_heads, kv_heads, self.head_dim, d, self.cache_config, use_rope=self.use_rope,
+    spec = _make_spec(self.num_heads, kv_heads, self.head_dim, d, self.cache_config, self.dtype,
                       rope_base=self.rope_base, causal=self.causal, sliding_window=self.sliding_window,
-                      soft_cap=self.soft_cap, scale=self.scale, implementation=self.implementation)
+                      soft_cap=self.soft_cap, scale=self.scale, qk_norm=self.qk_norm, qk_norm_eps=self.qk_norm_eps,
+                      implementation=self.implementation)
     n, k, h = spec.num_heads, spec.num_kv_heads, spec.head_dim
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                               kernel_init=nn.initializers.lecun_normal())
     q = dense(n * h, use_bias=self.qkv_bias, name="q_proj")(x).reshape(b, t, n, h)
     kk = dense(k * h, use_bias=self.qkv_bias, name="k_proj")(x).reshape(b, t, k, h)
     v = dense(k * h, use_bias=self.qkv_bias, name="v_proj")(x).reshape(b, t, k, h)
+    if spec.qk_norm:
+      q = _RMSNormLinen(spec.qk_norm_eps, self.param_dtype, name="q_norm")(q)
+      kk = _RMSNormLinen(spec.qk_norm_eps, self.param_dtype, name="k_norm")(kk)
 
     if mode == "decode" and not self.is_mutable_collection("cache"):
       raise ValueError("decode needs a mutable cache: apply(..., mutable=['cache'])")
     cache = None
     if self.has_variable("cache", "kv") or self.is_mutable_collection("cache"):
-      cache_dtype = self.dtype if self.cache_dtype is None else self.cache_dtype
-      var = self.variable("cache", "kv", lambda: _new_cache(self.cache_config, b, k, self.max_length or t, h,
-                                                            cache_dtype))
+      var = self.variable("cache", "kv", lambda: _new_cache(spec, b, self.capacity or t))
       cache = var.value
     out, new_cache = _attend(spec, cache, q, kk, v, mode=mode, lengths=lengths)
     if new_cache is not None and self.is_mutable_collection("cache"):
@@ -590,182 +526,7 @@ def linen_params_from_nnx(layer: TurboQuantAttention) -> dict:
       d["bias"] = m.bias.get_value()
     return d
 
-  return {"params": {name: lin(getattr(layer, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}}
-
-
-# ----------------------------------------------------------------------------- Gemma-style decoder
-
-
-class RMSNorm(nnx.Module):
-  """Gemma's RMSNorm: x / rms(x) · (1 + scale), statistics in float32, scale initialized to 0."""
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
-    self.eps = eps
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + jnp.float32(self.eps))
-    return (y * (1.0 + self.scale.get_value().astype(jnp.float32))).astype(x.dtype)
-
-
-class GatedMLP(nnx.Module):
-  """down(gelu(gate(x)) · up(x)) (Gemma's GeGLU)."""
-
-  def __init__(self, dim: int, hidden: int, *, dtype, precision, rngs: nnx.Rngs):
-    lin = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                            precision=precision, rngs=rngs)
-    self.gate, self.up, self.down = lin(dim, hidden), lin(dim, hidden), lin(hidden, dim)
-
-  def __call__(self, x):
-    return self.down(jax.nn.gelu(self.gate(x)) * self.up(x))
-
-
-class DecoderBlock(nnx.Module):
-  def __init__(self, embed_dim, num_heads, num_kv_heads, head_dim, mlp_dim, *, cache_config, rope_base,
-               sliding_window, soft_cap, dtype, precision, implementation, rngs):
-    self.attn_norm = RMSNorm(embed_dim)
-    self.attn = TurboQuantAttention(
-        embed_dim, num_heads, num_kv_heads, head_dim, cache_config=cache_config, use_rope=True,
-        rope_base=rope_base, causal=True, sliding_window=sliding_window, soft_cap=soft_cap, dtype=dtype,
-        precision=precision, implementation=implementation, rngs=rngs)
-    self.mlp_norm = RMSNorm(embed_dim)
-    self.mlp = GatedMLP(embed_dim, mlp_dim, dtype=dtype, precision=precision, rngs=rngs)
-
-  def __call__(self, x, *, mode, lengths=None):
-    x = x + self.attn(self.attn_norm(x), mode=mode, lengths=lengths)
-    return x + self.mlp(self.mlp_norm(x))
-
-
-class GemmaStyleDecoder(nnx.Module):
-  """A tiny Gemma-style causal LM: scaled tied embeddings, pre-RMSNorm blocks of RoPE GQA
-  attention (TurboQuantAttention) and a GeGLU MLP, a final RMSNorm, logits = x · Eᵀ.
-
-  `init_cache(B, S)`, then `prefill(tokens, lengths)` → next-token logits [B, V] and
-  `decode_step(token)` → [B, V]; `generate(prompt, steps)` runs both under one jit with a
-  `lax.scan` over the nnx.split cache state (compiled once per shape).
-  """
-
-  def __init__(
-      self,
-      vocab: int,
-      num_layers: int = 4,
-      embed_dim: int = 256,
-      num_heads: int = 8,
-      num_kv_heads: int = 2,
-      head_dim: int = 64,
-      cache_config: CacheConfig | None = None,
-      *,
-      mlp_dim: int | None = None,
-      rope_base: float = 10000.0,
-      sliding_window: int | None = None,
-      soft_cap: float | None = None,
-      final_logit_soft_cap: float | None = None,
-      embed_init_std: float = 0.02,
-      dtype=jnp.float32,
-      precision=None,
-      implementation: str | None = None,
-      rngs: nnx.Rngs,
-  ):
-    """embed_init_std: the embedding table's init std. With Gemma's √embed_dim input scaling and
-    tied output, a large std makes a random model predict its input token; 0.02 leaves the
-    next-token choice to the attention/MLP stack, so random-weight generations depend on context.
-    """
-    self.vocab, self.embed_dim = vocab, embed_dim
-    self.final_logit_soft_cap = final_logit_soft_cap
-    self.dtype = dtype
-    self.precision = precision
-    self.embedder = nnx.Embed(vocab, embed_dim, param_dtype=jnp.float32, dtype=dtype,
-                              embedding_init=nnx.initializers.normal(embed_init_std), rngs=rngs)
-    self.layers = nnx.List([
-        DecoderBlock(embed_dim, num_heads, num_kv_heads, head_dim, mlp_dim or 4 * embed_dim,
-                     cache_config=cache_config, rope_base=rope_base, sliding_window=sliding_window,
-                     soft_cap=soft_cap, dtype=dtype, precision=precision, implementation=implementation, rngs=rngs)
-        for _ in range(num_layers)
-    ])
-    self.final_norm = RMSNorm(embed_dim)
-
-  def init_cache(self, batch_size: int, max_length: int) -> None:
-    for layer in self.layers:
-      layer.attn.init_cache(batch_size, max_length)
-
-  @property
-  def cache_capacity(self) -> int | None:
-    c = self.layers[0].attn.cache
-    return None if c is None else c.capacity
-
-  def nbytes(self) -> int:
-    """Resident cache bytes of all layers."""
-    return sum(layer.attn.nbytes() for layer in self.layers)
-
-  def _logits(self, x):
-    x = self.final_norm(x)
-    logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32),
-                        self.embedder.embedding.get_value().astype(jnp.float32), precision=_HIGHEST)
-    if self.final_logit_soft_cap is not None:
-      c = jnp.float32(self.final_logit_soft_cap)
-      logits = c * jnp.tanh(logits / c)
-    return logits
-
-  def __call__(self, tokens: jax.Array, *, mode: str = "prefill", lengths=None) -> jax.Array:
-    """tokens [B, T] int → logits [B, T, V] float32 (prefill writes the caches if initialized)."""
-    x = self.embedder(tokens) * jnp.asarray(math.sqrt(self.embed_dim), self.dtype)
-    for layer in self.layers:
-      x = layer(x, mode=mode, lengths=lengths)
-    return self._logits(x)
-
-  def prefill(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
-    """Caches the prompt tokens [B, T] (lengths [B] real tokens) → next-token logits [B, V]."""
-    if self.cache_capacity is None:
-      raise ValueError("prefill before init_cache: call init_cache(batch_size, max_length) first")
-    logits = self(tokens, mode="prefill", lengths=lengths)
-    last = (jnp.full((tokens.shape[0],), tokens.shape[1]) if lengths is None else jnp.asarray(lengths)) - 1
-    return jnp.take_along_axis(logits, last.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
-
-  def decode_step(self, token: jax.Array) -> jax.Array:
-    """Appends token [B] to every sequence → next-token logits [B, V]."""
-    return self(token[:, None], mode="decode")[:, 0]
-
-  def generate(self, prompt: jax.Array, steps: int, lengths: jax.Array | None = None, *,
-               forced_tokens: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Greedy generation of `steps` tokens after prompt [B, T] → (tokens [B, steps], logits [B, steps, V]).
-
-    logits[:, i] predicts generated token i; tokens[:, i] is its argmax. forced_tokens
-    [B, steps] (teacher forcing): feed forced_tokens[:, i] instead of tokens[:, i] as the next
-    input, so two models can be compared on the same trajectory. Reuses the cache when it fits
-    (batch, T + steps − 1 slots), else (re)allocates one; one compilation per shapes/config.
-    """
-    b, t = prompt.shape
-    if steps < 1:
-      raise ValueError(f"steps must be >= 1, got {steps=}")
-    need = t + steps - 1
-    cache = self.layers[0].attn.cache
-    if cache is None or cache.batch_size != b or cache.capacity < need:
-      self.init_cache(b, need)
-    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    if forced_tokens is not None and forced_tokens.shape != (b, steps):
-      raise ValueError(f"forced_tokens must be [{b}, {steps}], got {forced_tokens.shape}")
-    return _generate(self, prompt, lengths, forced_tokens, steps)
-
-
-@functools.partial(nnx.jit, static_argnames=("steps",))
-def _generate(model: GemmaStyleDecoder, prompt, lengths, forced, steps: int):
-  TRACE_COUNTS["generate"] += 1
-  logits0 = model.prefill(prompt, lengths)
-  tok0 = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
-  graphdef, cache_state, rest = nnx.split(model, nnx.Cache, ...)
-
-  def body(carry, forced_prev):
-    cache_state, prev = carry
-    TRACE_COUNTS["generate_step"] += 1
-    m = nnx.merge(graphdef, cache_state, rest)
-    logits = m.decode_step(prev if forced_prev is None else forced_prev)
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return (nnx.state(m, nnx.Cache), tok), (tok, logits)
-
-  xs = None if forced is None else forced[:, :-1].T.astype(jnp.int32)  # [steps − 1, B]
-  (cache_state, _), (toks, logits) = jax.lax.scan(body, (cache_state, tok0), xs, length=steps - 1)
-  nnx.update(model, cache_state)
-  tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
-  logits = jnp.concatenate([logits0[:, None], jnp.moveaxis(logits, 0, 1)], axis=1)
-  return tokens, logits
+  params = {name: lin(getattr(layer, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+  if layer.q_norm is not None:
+    params |= {"q_norm": {"scale": layer.q_norm.scale.get_value()}, "k_norm": {"scale": layer.k_norm.scale.get_value()}}
+  return {"params": params}

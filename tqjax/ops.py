@@ -26,17 +26,21 @@ from pallas_kernels import dispatch
 from tqjax import partials
 from tqjax.cache import KVCache, prefill_with_encoder
 
-__all__ = ["IMPLEMENTATIONS", "prefill", "attention", "chunked_attention", "scores"]
+__all__ = [
+    "IMPLEMENTATIONS", "prefill", "attention", "chunked_attention", "scores", "check_implementation", "check_query",
+    "check_options",
+]
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
-def _check_implementation(implementation) -> None:
+def check_implementation(implementation) -> None:
+  """Raises ValueError unless implementation is one of IMPLEMENTATIONS."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
 
 
-def _check_query(cache: KVCache, q, op: str, with_tokens: bool) -> None:
+def check_query(cache: KVCache, q, op: str, with_tokens: bool) -> None:
   """q [B, N, H] (with_tokens=False) or [B, N, T, H]: floating point, shapes matching the cache."""
   d, b, kh = cache.config.head_dim, cache.batch_size, cache.num_kv_heads
   layout = f"[batch={b}, q_heads, tokens, head_dim={d}]" if with_tokens else f"[batch={b}, q_heads, head_dim={d}]"
@@ -50,7 +54,9 @@ def _check_query(cache: KVCache, q, op: str, with_tokens: bool) -> None:
     raise ValueError(f"{op}: q_heads={q.shape[1]} must be a multiple of the cache's kv_heads={kh}")
 
 
-def _check_options(scale, soft_cap, sliding_window) -> None:
+def check_options(scale, soft_cap, sliding_window) -> None:
+  """Raises ValueError naming scale (finite), soft_cap (positive, finite) or sliding_window
+  (positive int) when one is bad; None passes for each."""
   if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
     raise ValueError(f"scale must be a finite number or None, got {scale=}")
   if soft_cap is not None and (
@@ -116,9 +122,9 @@ def chunked_attention(
   cache, rows, interpret=True)`), replaces the choice. Returns the output in q's dtype and, with
   return_residuals, also the softmax max and sum [B, N, T] for merging with other partials.
   """
-  _check_implementation(implementation)
-  _check_query(cache, q, "chunked_attention", with_tokens=True)
-  _check_options(scale, soft_cap, sliding_window)
+  check_implementation(implementation)
+  check_query(cache, q, "chunked_attention", with_tokens=True)
+  check_options(scale, soft_cap, sliding_window)
   if partial_fn is None:
     partial_fn = _partial_fn(cache, q.shape[1] // cache.num_kv_heads * q.shape[2], implementation, block_size)
   o, m, l = _attend(cache, q, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, causal=causal,
@@ -143,9 +149,9 @@ def attention(
   implementation and partial_fn as in `chunked_attention`. A sequence with nothing written
   gets zeros.
   """
-  _check_implementation(implementation)
-  _check_query(cache, q, "attention", with_tokens=False)
-  _check_options(scale, soft_cap, sliding_window)
+  check_implementation(implementation)
+  check_query(cache, q, "attention", with_tokens=False)
+  check_options(scale, soft_cap, sliding_window)
   if partial_fn is None:
     partial_fn = _partial_fn(cache, q.shape[1] // cache.num_kv_heads, implementation, 1024)
   o, _, _ = _attend(cache, q[:, :, None, :], scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -157,8 +163,8 @@ def scores(cache: KVCache, q: jax.Array, *, scale: float | None = None, soft_cap
   """The (scaled, capped) logits that `attention` normalizes: q [B, N, H] against every slot →
   [B, N, S] float32, −inf past lengths. Tokens held in the full-precision window get their
   exact logits, as in `attention`; the others their compressed estimate."""
-  _check_query(cache, q, "scores", with_tokens=False)
-  _check_options(scale, soft_cap, None)
+  check_query(cache, q, "scores", with_tokens=False)
+  check_options(scale, soft_cap, None)
   b, hq, d = q.shape
   kh = cache.num_kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -197,7 +203,7 @@ def prefill(
   elsewhere; "pallas" insists on the kernel for every encode (ValueError naming the reason if
   it can't); "xla" never uses it.
   """
-  _check_implementation(implementation)
+  check_implementation(implementation)
   if implementation == "xla":
     return prefill_with_encoder(cache, k, v, lengths)
   dtypes = (jnp.result_type(k), jnp.result_type(v))

@@ -26,6 +26,8 @@ import numpy as np
 
 from tqjax.codebook import check_bits
 
+__all__ = ["WORD_BITS", "num_columns", "pack", "packed_words", "parts", "unpack"]
+
 WORD_BITS = 32
 
 
@@ -50,8 +52,12 @@ def packed_words(n: int, bits: int) -> int:
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
-  """Packs codes [..., n] (integers in [0, 2^bits)) into uint32 words [..., bits·ceil(n/32)]."""
+  """Packs codes [..., n] (integers in [0, 2^bits), array-like) into uint32 words
+  [..., bits·ceil(n/32)]."""
   bits = check_bits(bits)
+  codes = jnp.asarray(codes)
+  if codes.ndim < 1:
+    raise ValueError(f"pack needs codes with a last axis to pack, got codes.shape={codes.shape}")
   if not jnp.issubdtype(codes.dtype, jnp.integer):
     raise TypeError(f"pack needs integer codes, got {codes.dtype=}")
   n = codes.shape[-1]
@@ -74,7 +80,8 @@ def unpack(words: jax.Array, bits: int, n: int) -> jax.Array:
   """Inverse of `pack`: words [..., bits·ceil(n/32)] uint32 → codes [..., n] uint8."""
   bits = check_bits(bits)
   w = num_columns(n)
-  if words.dtype != jnp.uint32 or words.shape[-1] != bits * w:
+  words = jnp.asarray(words)
+  if words.ndim < 1 or words.dtype != jnp.uint32 or words.shape[-1] != bits * w:
     raise ValueError(
         f"unpack expects uint32 words [..., {bits * w}] for {n=} at {bits=}, "
         f"got {words.dtype} {words.shape}"

@@ -1,8 +1,9 @@
 """Random rotations Π: Haar-orthogonal matrices and randomized Hadamard transforms.
 
-A `Rotation` is a small pytree made once from (kind, dim, seed). Its constants are drawn with
+A `Rotation` is a small pytree made once from (dim, kind, seed). Its constants are drawn with
 NumPy on the host in float64, so the same seed gives bit-identical rotations on every host and
 backend. Vectors are rows: `rotate(rot, x)` computes Π·x for every x along the last axis.
+Shapes: `...` is any leading batch dims, `dim` the vector length.
 """
 
 from __future__ import annotations
@@ -14,10 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "ROTATION_KINDS",
+    "Rotation",
+    "check_seed",
+    "constants_rng",
+    "dense_matrix",
+    "haar_matrix",
+    "hadamard_transform",
+    "make_rotation",
+    "rotate",
+    "unrotate",
+]
+
 ROTATION_KINDS = ("haar", "hadamard")
-# Rotations run at Precision.HIGH, not HIGHEST: on an H200, rotating 2M 128-d f32 vectors took
-# 0.84 ms at HIGH, 0.78 at DEFAULT and 2.07 at HIGHEST (experiments/results/bench_encode_*), so
-# XLA:GPU runs HIGH at tf32-class speed. Its ~1e-3 relative rounding is two orders below the
+# Rotations run at Precision.HIGH, not HIGHEST: rotating 2M 128-d f32 vectors on an H200 took
+# 0.84 ms at HIGH, 0.89 at DEFAULT and 2.01 at HIGHEST (experiments/bench_encode.py, jax 0.11.2,
+# 2026-11-27), so XLA:GPU runs HIGH at tf32-class speed. Its ~1e-3 relative rounding is two orders below the
 # quantization error (≥ 0.1 relative at ≤ 4 bits). CPU computes f32 exactly at any precision.
 _PRECISION = jax.lax.Precision.HIGH
 _STREAM = 0  # random stream of the rotation; QJL draws from stream 1 of the same seed
@@ -27,9 +41,16 @@ _STREAM = 0  # random stream of the rotation; QJL draws from stream 1 of the sam
 _TAG = 0x54514A58  # "TQJX"
 
 
+def check_seed(seed) -> int:
+  """Validates a quantizer seed (an integer >= 0, not a bool) and returns it as an int."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
+  return int(seed)
+
+
 def constants_rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
   """The NumPy generator of one quantizer constant: (seed, stream, *extra) never collide."""
-  return np.random.default_rng((int(seed), *extra, stream, _TAG))
+  return np.random.default_rng((check_seed(seed), *extra, stream, _TAG))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -66,10 +87,15 @@ def _haar_cached(dim: int, seed: int) -> np.ndarray:
   return haar_matrix(dim, constants_rng(seed, _STREAM)).astype(np.float32)
 
 
-def make_rotation(dim: int, seed: int = 0, kind: str = "haar") -> Rotation:
-  """Builds the rotation of `kind` for R^dim, deterministic in `seed`."""
+def make_rotation(dim: int, kind: str = "haar", *, seed: int = 0) -> Rotation:
+  """Builds the rotation of `kind` for R^dim, deterministic in `seed` (an integer >= 0).
+
+  The argument order is the one of `make_qjl` and `make_quantizer`: sizes, then the kind, then
+  the keyword-only seed.
+  """
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
     raise ValueError(f"rotation needs an integer dim >= 2, got {dim=}")
+  seed = check_seed(seed)
   if kind == "haar":
     return Rotation(kind, dim, jnp.asarray(_haar_cached(dim, seed)), None)
   if kind == "hadamard":
@@ -85,7 +111,8 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
 
   x: [..., d] with d a power of 2. Returns H·x/√d, which is its own inverse.
   """
-  d = x.shape[-1]
+  x = jnp.asarray(x)
+  d = x.shape[-1] if x.ndim else 0
   if not _is_power_of_two(d):
     raise ValueError(f"hadamard_transform needs a power-of-2 last dim, got {d=}")
   lead = x.shape[:-1]
@@ -99,14 +126,19 @@ def hadamard_transform(x: jax.Array) -> jax.Array:
   return y.reshape(*lead, d) * jnp.asarray(1.0 / np.sqrt(d), x.dtype)
 
 
-def _check_last_dim(rot: Rotation, x: jax.Array, name: str) -> None:
+def _check_last_dim(rot: Rotation, x, name: str) -> jax.Array:
+  """x as a jax array whose last dim is the rotation's dim (array-likes are accepted)."""
+  if not isinstance(rot, Rotation):
+    raise TypeError(f"expected a tqjax Rotation, got {type(rot).__name__}")
+  x = jnp.asarray(x)
   if x.shape[-1:] != (rot.dim,):
-    raise ValueError(f"{name} last dim must equal the rotation dim {rot.dim}, got {x.shape=}")
+    raise ValueError(f"{name} last dim must equal the rotation dim {rot.dim}, got {name}.shape={x.shape}")
+  return x
 
 
 def rotate(rot: Rotation, x: jax.Array) -> jax.Array:
   """Π·x along the last axis. x: [..., dim] float; returns [..., dim] in x's dtype."""
-  _check_last_dim(rot, x, "rotate: x")
+  x = _check_last_dim(rot, x, "x")
   if rot.kind == "haar":
     return jnp.einsum("...j,ij->...i", x, rot.matrix.astype(x.dtype), precision=_PRECISION)
   return hadamard_transform(x * rot.signs.astype(x.dtype))
@@ -114,7 +146,7 @@ def rotate(rot: Rotation, x: jax.Array) -> jax.Array:
 
 def unrotate(rot: Rotation, y: jax.Array) -> jax.Array:
   """Πᵀ·y (the inverse of `rotate`). y: [..., dim] float; returns [..., dim] in y's dtype."""
-  _check_last_dim(rot, y, "unrotate: y")
+  y = _check_last_dim(rot, y, "y")
   if rot.kind == "haar":
     return jnp.einsum("...i,ij->...j", y, rot.matrix.astype(y.dtype), precision=_PRECISION)
   return hadamard_transform(y) * rot.signs.astype(y.dtype)

@@ -1,12 +1,14 @@
 """Synthetic q, k, v that look like a decoder LLM's attention inputs, for quantizer stress tests.
 
-The real data in shared/data (MiniLM, an encoder) has well-behaved keys; decoder LLMs do not.
+Real encoder activations (MiniLM, see `tqjax.data`) has well-behaved keys; decoder LLMs do not.
 Their keys have a few fixed channels per head that are 10–100x larger than the rest, a shared
 per-head mean direction, and queries aligned with those keys so attention is peaky. Values are
 close to Gaussian. This module draws arrays with those properties, deterministic in a PRNG key.
 """
 
 from __future__ import annotations
+
+__all__ = ["decoder_like_kv"]
 
 import functools
 

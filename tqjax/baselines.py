@@ -1,12 +1,12 @@
-"""Baseline KV-cache quantizers for the fidelity experiment against TurboQuant.
+"""Baseline KV-cache quantizers that TurboQuant is measured against (bf16, int8, int4, KIVI, Hadamard).
 
-Every public function takes K or V as x [..., T, D] (tokens on axis -2, head dim on axis -1, any
+Every public function takes K or V as x [..., S, H] (tokens on axis -2, head dim on axis -1, any
 leading batch/head dims) and returns
 
   (x_hat, bits_per_coordinate)                          or, with return_storage=True,
   (x_hat, bits_per_coordinate, storage)
 
-x_hat is float32 [..., T, D], decoded from exactly the arrays in `storage` (a dict of the arrays a
+x_hat is float32 [..., S, H], decoded from exactly the arrays in `storage` (a dict of the arrays a
 cache would hold, in their storage dtypes). bits_per_coordinate counts everything in `storage`:
 codes, scales and zero points, so sum(a.nbytes for a in storage.values()) * 8 == bits * x.size.
 Sub-byte codes are packed with `tqjax.packing` (uint32 words, padding to 32 codes counted).
@@ -33,6 +33,8 @@ Conventions shared by all integer baselines:
 """
 
 from __future__ import annotations
+
+__all__ = ["bf16", "hadamard_int4", "hadamard_signs", "int4_per_token_group", "int8_per_token", "kivi"]
 
 import functools
 
