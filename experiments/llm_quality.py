@@ -76,15 +76,6 @@ def _cpu() -> str:
   return platform.processor() or platform.machine()
 
 
-def _baselines_module():
-  try:
-    from tqjax import baselines  # noqa: PLC0415 - moved here from experiments/
-  except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import baselines  # noqa: PLC0415
-  return baselines
-
-
 def q4_0(x):
   """llama.cpp Q4_0 on x [..., D]: blocks of 32 channels, fp16 scale d = m / −8 where m is the
   block's value of largest magnitude, codes clamp(round(x/d) + 8, 0, 15). 4.5 b/coord."""
@@ -114,7 +105,7 @@ def make_cache_spec(name: str, head_dim: int):
     return cc, None, bits_per_coordinate_kv(cc)
   import jax.numpy as jnp  # noqa: PLC0415
 
-  bl = _baselines_module()
+  from tqjax import baselines as bl  # noqa: PLC0415
   probe = jnp.zeros((1, 64, head_dim), jnp.float32)  # bits of a 64-token block (multiple of 32)
   if name in ("kivi2", "kivi4"):
     b = int(name[4:])
