@@ -4,10 +4,10 @@ device), the cross-device merge (`merge_over_axis`: pmax + psum) timed on its ow
 device's bf16 attention over the uncompressed cache as the baseline where it fits (cuDNN on a
 GPU: `jax.nn.dot_product_attention(implementation="cudnn")`; XLA elsewhere).
 
-  python experiments/bench_sharded.py            # the GPUs (or CPUs) jax sees; S up to 1M
-  python experiments/bench_sharded.py --quick    # 8 fake CPU devices, small sizes: ~1-3 min on 2 cores
+  python -m experiments.bench_sharded            # the GPUs (or CPUs) jax sees; S up to 1M
+  python -m experiments.bench_sharded --quick    # 8 fake CPU devices, small sizes: ~1-3 min on 2 cores
 
-Writes a markdown table (device count, card, date, commit) to experiments/results/ and prints
+Writes a markdown table (device count, card, date, commit) where --out says and prints
 it. The cache holds random codes (timing does not depend on their values); every slot is
 attended. Per-shard partial: the fused kernel of `pallas_kernels.dispatch` where one serves the
 cache on this backend (inside shard_map with check_vma off), else the XLA reference.
@@ -15,20 +15,16 @@ cache on this backend (inside shard_map with check_vma off), else the XLA refere
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import statistics
-import subprocess
 import sys
+import statistics
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import harness
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = harness.parser(__doc__)
   p.add_argument("--quick", action="store_true", help="8 fake CPU devices and small sizes (~1-3 min on 2 cores)")
   p.add_argument("--devices", type=int, nargs="+", help="device counts to run (default: 1, 2, 4, ... up to all)")
   p.add_argument("--strong-s", type=int, nargs="+", help="total slots for strong scaling (default 131072 1048576)")
@@ -41,7 +37,6 @@ def parse_args(argv=None):
   p.add_argument("--v-bits", type=int, default=4)
   p.add_argument("--iters", type=int, default=20, help="timed calls per point (median reported)")
   p.add_argument("--implementation", choices=("auto", "xla", "pallas"), default="auto")
-  p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
   args = p.parse_args(argv)
   if args.quick:
     args.devices = args.devices or [1, 2, 4, 8]
@@ -58,7 +53,6 @@ def main(argv=None) -> None:
   if args.quick:  # before jax starts: the device count is fixed then
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, str(ROOT))
   import jax  # noqa: PLC0415
 
   rows = run(jax, args)
@@ -172,22 +166,16 @@ def baseline(jax, args, s: int) -> float | None:
     return None
 
 
-def _cpu_model() -> str:
-  try:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    return "unknown CPU"
-  return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-
-
 def write(jax, args, rows) -> None:
+  """Prints the table and writes bench_sharded_<device>.{md,json} where the harness says."""
+  st = harness.stamp()
   dev = jax.devices()[0]
-  card = "CPU (fake devices)" if args.quick else (dev.device_kind if dev.platform == "gpu" else f"CPU ({dev.device_kind})")
-  date = datetime.date.today().isoformat()
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  card = "CPU (fake devices)" if args.quick else st["device"]
   base = "cuDNN bf16" if dev.platform == "gpu" else "XLA bf16"
   lines = [
-      f"# Sequence-sharded decode: {card}, up to {max(r['devices'] for r in rows)} devices, {date}, commit {commit}",
+      f"# Sequence-sharded decode: {card}, up to {max(r['devices'] for r in rows)} devices",
+      "",
+      harness.stamp_line(st),
       "",
       f"One decode step (q [B={args.batch}, N={args.q_heads}, H={args.head_dim}]) over a K{args.k_bits}/V{args.v_bits} "
       f"mse cache of {args.kv_heads} kv heads, every slot attended, slots split over the devices "
@@ -202,14 +190,12 @@ def write(jax, args, rows) -> None:
     lines.append(f"| {r['mode']} | {r['devices']} | {r['s']} | {r['s_per_device']} | {r['impl']} | {r['step_ms']:.3f} | "
                  f"{r['merge_ms']:.3f} | {r['bytes_per_device']} | {b} |")
   if args.quick:
-    lines += ["", f"{jax.device_count()} fake CPU devices share the host's {os.cpu_count()} cores ({_cpu_model()}): these "
+    lines += ["", f"{jax.device_count()} fake CPU devices share the host's {os.cpu_count()} cores: these "
               "numbers test the script, not the scaling."]
   text = "\n".join(lines) + "\n"
   print(text)
-  args.out.mkdir(parents=True, exist_ok=True)
-  name = card.replace(" ", "_").replace("(", "").replace(")", "")
-  (args.out / f"bench_sharded_{name}_{date}.md").write_text(text)
-
+  name = "CPU_fake_devices" if args.quick else card.replace(" ", "_")
+  harness.write(harness.out_dir(args), f"bench_sharded_{name}", text, {"stamp": st, "rows": rows})
 
 if __name__ == "__main__":
   main()

@@ -1,15 +1,18 @@
 """Kernel-only time of Mosaic GPU decode variants (`pallas_kernels.decode_mgpu`), by Nsight Compute.
 
-  PYTHONPATH=. python experiments/kernel_time.py                       # the defaults, K3/V3 K4/V4 K3prod/V3
-  PYTHONPATH=. python experiments/kernel_time.py --variants '[{}, {"STAGES": 3}, {"num_splits": 8}]'
-  PYTHONPATH=. python experiments/kernel_time.py --metrics stalls      # + why warps stall (see STALLS)
-  PYTHONPATH=. python experiments/kernel_time.py --check ...           # each variant vs the XLA reference
+  python -m experiments.kernel_time                       # the defaults, K3/V3 K4/V4 K3prod/V3
+  python -m experiments.kernel_time --variants '[{}, {"stages": 3}, {"num_splits": 8}]'
+  python -m experiments.kernel_time --metrics stalls      # + why warps stall (see STALLS)
+  python -m experiments.kernel_time --check ...           # each variant vs the XLA reference
   git show main:pallas_kernels/decode_mgpu.py > /tmp/main.py
-  PYTHONPATH=. python experiments/kernel_time.py --wall --variants '[{"source": "/tmp/main.py"}, {}]'
+  python -m experiments.kernel_time --wall --variants '[{"source": "/tmp/main.py"}, {}]'
 
-A variant is a dict of `decode_mgpu` module constants to set (STAGES, TILES, KEY_CHAINS, ...),
-optionally "num_splits" (replaces `default_num_splits`) and "source", another version of the
-module's file to run instead; the others keep their defaults. The script runs itself under
+A variant is a dict of `decode_mgpu.DecodeTuning` fields (stages, tiles, num_splits, merge_unroll,
+key_chains, edge_masks_only, max_slack), the others at their defaults, and optionally "source":
+another version of decode_mgpu.py, loaded as a module of its own (`load_source`) and called
+directly (with tuning fields only if it has `DecodeTuning`). Each variant's decode attention is
+`tqjax.ops.attention` with that module's `decode_partial` as its partial (what the default path
+runs on Hopper, with the variant's tuning). The script runs itself under
 `ncu --metrics gpu__time_duration.sum -k regex:tq_decode_mgpu` (clocks left alone), which times every
 launch of the decode kernel alone: XLA's work around it and the host's dispatch are not in it.
 Launches of one variant move by about ±1 µs, against ±3 µs or more per call in bench_decode.py's
@@ -17,17 +20,17 @@ pipelined timing. Every variant runs `--reps` times in each of two rounds (varia
 the table gives min / median µs, and the median of each extra metric (--metrics: ncu metric
 names, or "stalls" for STALLS: warps stalled per issued instruction, by reason, and the issue
 rate; extra metrics replay each launch, which the duration does not mind). Shape: B = 8,
-Hq = 32, Hkv = 8, --head-dim, --seq (default the issue's S = 32k). Writes
-experiments/results/kernel_time_<device>_<date>.md.
+Hq = 32, Hkv = 8, --head-dim, --seq (default S = 32k). Writes
+experiments/results/kernel_time_<device>_<date>.md. A run takes about a minute per variant and
+config on an H200 (compiles included); `--help` starts nothing.
 
-Nsight Compute crashed (segfault at "Connected to process") in about half of the first runs on a
-freshly started machine and with `--csv` or `launch__*` metrics; this form ran. With --check the
-variants are compared with the float32 XLA reference (bench_decode.check_case) instead, no ncu.
-In session 12 (2026-11-29) every ncu run of a branch's variants hung or crashed while the
-defaults of main ran in 15 s; `--wall` times the variants without ncu (see `wall`): per call,
-with the XLA work around the kernel, ±1-2 µs between rounds after the first. In session 13 ncu
-over `experiments/decode_once.py` (one launch per process, `-c 1`) ran in 15 s per config on the
-same kernels, stall metrics included: profile the defaults that way.
+Nsight Compute has crashed (segfault at "Connected to process") on freshly started machines and
+with `--csv` or `launch__*` metrics, and on 2026-11-29 (H200) hung on multi-launch runs of some
+kernel builds; `--wall` times the variants without ncu (see `wall`): per call, with the XLA work
+around the kernel, ±1-2 µs between rounds after the first. ncu over `experiments/decode_once.py`
+(one launch per process, `-c 1`) ran in 15 s per config on the same kernels, stall metrics
+included: profile the defaults that way. With --check the variants are compared with the float32
+XLA reference instead, no ncu.
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_decode import CONFIGS, check_case, config_case, random_cache, pallas_attention  # noqa: E402
-import pallas_kernels  # noqa: E402
+from experiments.bench_decode import CONFIGS, random_cache, rel_err  # noqa: E402
 from pallas_kernels import decode_mgpu as M  # noqa: E402
-from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402
+from tqjax import ops as tq_ops  # noqa: E402
+
+__all__ = ["attention_fn", "check", "load_source", "main", "parse", "partial_fn", "wall"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 2
@@ -68,43 +72,61 @@ STALLS = ["smsp__issue_active.avg.per_cycle_active", "smsp__inst_executed.sum"] 
                    "wait")]
 
 
-def constants(module) -> dict:
-  """What a variant may set: a decode_mgpu module's public constants (upper-case names) and its
-  `default_num_splits`, with their values."""
-  return {name: value for name, value in vars(module).items() if name.isupper() and name[0] != "_"} | {
-      "default_num_splits": module.default_num_splits}
-
-
-DEFAULTS = constants(M)
-
-
 @functools.cache
 def load_source(path: str):
-  """(module, its `constants`): a decode_mgpu source file (e.g. `git show
-  main:pallas_kernels/decode_mgpu.py > /tmp/main.py`) as a module of its own."""
-  spec = importlib.util.spec_from_file_location(f"decode_mgpu_from_{Path(path).stem}", path)
+  """A decode_mgpu source file (e.g. `git show main:pallas_kernels/decode_mgpu.py > /tmp/main.py`)
+  as a module of its own, named decode_mgpu_from_<file stem>: `pallas_kernels.decode_mgpu` stays
+  what every other import finds."""
+  name = f"decode_mgpu_from_{Path(path).stem}"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up while the class is made
   spec.loader.exec_module(module)
-  return module, constants(module)
+  return module
 
 
-def apply(variant: dict) -> None:
-  """Makes a variant the decode kernel `dispatch` runs, and drops compiled kernels: "source" (a
-  file, `load_source`) replaces the module; the other entries set its constants, or num_splits;
-  all else takes that module's defaults."""
-  module, defaults = load_source(variant["source"]) if "source" in variant else (M, DEFAULTS)
-  for name, value in defaults.items():
-    setattr(module, name, value)
-  sys.modules[M.__name__] = module  # what `dispatch` imports at each call
-  pallas_kernels.decode_mgpu = module
-  for name, value in variant.items():
-    if name == "num_splits":
-      module.default_num_splits = lambda *args, n=value, **kw: n
-    elif name in defaults:
-      setattr(module, name, value)
-    elif name != "source":
-      raise ValueError(f"unknown variant attribute {name!r} (one of {sorted(defaults)}, num_splits or source)")
-  jax.clear_caches()
+def partial_fn(variant: dict):
+  """The variant's `decode_partial` (the `partial_fn` of `chunked_attention`): decode_mgpu's, or
+  the "source" module's, with a `DecodeTuning` of the variant's other entries. Raises ValueError
+  for an entry that is not a tuning field (or any entry, for a source without `DecodeTuning`)."""
+  module = load_source(variant["source"]) if "source" in variant else M
+  fields = {name: value for name, value in variant.items() if name != "source"}
+  if not hasattr(module, "DecodeTuning"):
+    if fields:
+      raise ValueError(f"{variant['source']} has no DecodeTuning: the variant sets {sorted(fields)}")
+    return module.decode_partial
+  try:
+    return functools.partial(module.decode_partial, tuning=module.DecodeTuning(**fields))
+  except TypeError as e:  # an unknown field
+    raise ValueError(f"variant {variant}: {e}") from e
+
+
+def attention_fn(variant: dict):
+  """Jitted decode attention (cache, q [B, Hq, D]) → [B, Hq, D] through the variant's kernel."""
+  fn = partial_fn(variant)
+  return jax.jit(lambda cache, q: tq_ops.attention(cache, q, partial_fn=fn))
+
+
+def _require_kernel(cache, rows: int, c: str, head_dim: int) -> None:
+  ok, why = M.supported(cache)
+  if not ok or rows > M.MAX_ROWS:
+    raise ValueError(f"{c} at head_dim {head_dim} does not run the Mosaic GPU kernel: {why or f'{rows=}'}")
+
+
+def check(variant: dict, cname: str, d: int, s: int, seed: int = 3) -> tuple[float, bool]:
+  """(relative error, any NaN) of the variant's decode attention vs the float32 XLA reference on a
+  prefilled random cache (3 sequences of s, s // 3 + 1 and 1 tokens, G = 4)."""
+  cfg = C.CacheConfig(head_dim=d, seed=seed, **CONFIGS[cname])
+  b, kh, g = 3, 2, 4
+  r = np.random.default_rng(100 + seed)
+  k = jnp.asarray(r.standard_normal((b, kh, s, d)) + 0.3, jnp.float32)
+  v = jnp.asarray(r.standard_normal((b, kh, s, d)), jnp.float32)
+  cache = tq_ops.prefill(C.init_cache(cfg, b, kh, s), k, v, jnp.asarray([s, s // 3 + 1, 1], jnp.int32),
+                        implementation="xla")
+  q = jnp.asarray(r.standard_normal((b, kh * g, d)) * 2, jnp.float32)
+  want = jax.jit(lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))(cache, q)
+  got = np.asarray(attention_fn(variant)(cache, q))
+  return rel_err(got, want), bool(np.isnan(got).any())
 
 
 def order(variants: list[dict], configs: list[str], reps: int):
@@ -117,20 +139,16 @@ def order(variants: list[dict], configs: list[str], reps: int):
 
 
 def child(args, variants: list[dict]) -> None:
-  """Under ncu: the decode calls of `order`, each variant's module constants set before its own."""
+  """Under ncu: the decode calls of `order`, each through its variant's kernel."""
   b, hq, kh = 8, 32, 8
   caches = {c: random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
             for c in args.configs}
+  for c, cache in caches.items():
+    _require_kernel(cache, hq // kh, c, args.head_dim)
   q = jax.random.normal(jax.random.key(0), (b, hq, args.head_dim), jnp.float32)
-  f = jax.jit(lambda cache, q: pallas_attention(cache, q))
-  current = None
+  fns = [attention_fn(variant) for variant in variants]
   for i, c in order(variants, args.configs, args.reps):
-    if i != current:
-      apply(variants[i])
-      current = i
-    if not dispatch._mosaic_decode(caches[c], hq // kh):
-      raise ValueError(f"{c} at head_dim {args.head_dim} does not run the Mosaic GPU kernel")
-    jax.block_until_ready(f(caches[c], q))
+    jax.block_until_ready(fns[i](caches[c], q))
 
 
 def wall(args, variants: list[dict]) -> dict:
@@ -145,13 +163,12 @@ def wall(args, variants: list[dict]) -> dict:
   for c in args.configs:
     cache = random_cache(C.CacheConfig(head_dim=args.head_dim, **CONFIGS[c]), b, kh, args.seq, seed=0)
     qs = [jax.random.normal(jax.random.key(i), (b, hq, args.head_dim), jnp.float32) for i in range(WALL_CALLS)]
-    calls = lambda cache, qs: [pallas_attention(cache, jax.lax.optimization_barrier(q)) for q in qs]
+    _require_kernel(cache, hq // kh, c, args.head_dim)
     compiled = []
     for variant in variants:
-      apply(variant)
-      if not dispatch._mosaic_decode(cache, hq // kh):
-        raise ValueError(f"{c} at head_dim {args.head_dim} does not run the Mosaic GPU kernel")
-      compiled.append(jax.jit(calls).lower(cache, qs).compile())  # keeps this variant's kernel
+      attend = attention_fn(variant)
+      calls = lambda cache, qs, attend=attend: [attend(cache, jax.lax.optimization_barrier(q)) for q in qs]
+      compiled.append(jax.jit(calls).lower(cache, qs).compile())
       jax.block_until_ready(compiled[-1](cache, qs))
     for _ in range(ROUNDS * args.reps):
       for i, f in enumerate(compiled):
@@ -159,7 +176,6 @@ def wall(args, variants: list[dict]) -> dict:
         jax.block_until_ready([f(cache, qs) for _ in range(WALL_DISPATCHES)])
         us = (time.perf_counter() - t0) / (WALL_DISPATCHES * WALL_CALLS) * 1e6
         out.setdefault((i, c), []).append({DURATION: us})
-  apply({})
   return out
 
 
@@ -205,12 +221,13 @@ def main(argv=None) -> None:
   variants = ast.literal_eval(args.variants)
   if args.child:
     return child(args, variants)
+  for variant in variants:
+    partial_fn(variant)  # refuses unknown entries before any work
   if args.check:
     for i, variant in enumerate(variants):
-      apply(variant)
       for c in args.configs:
         for s in (3001, args.seq):  # an odd capacity (one token per TMA row) and the timed one
-          err, nan = check_case(config_case(c, args.head_dim, s), 3)
+          err, nan = check(variant, c, args.head_dim, s)
           print(f"variant {i} {variant} {c} S={s}: rel err {err:.2e}, NaN {nan}", flush=True)
     return
   extra = STALLS if args.metrics == "stalls" else [m for m in args.metrics.split(",") if m]
@@ -225,8 +242,7 @@ def main(argv=None) -> None:
     try:
       run = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.ncu_timeout)
     except subprocess.TimeoutExpired as e:
-      raise RuntimeError(f"ncu did not finish in {args.ncu_timeout} s (it hung on every run of session 12's "
-                         "kernel; --wall times without it)") from e
+      raise RuntimeError(f"ncu did not finish in {args.ncu_timeout} s (--wall times without it)") from e
     if run.returncode:
       raise RuntimeError(f"ncu exited with {run.returncode}:\n{(run.stdout + run.stderr)[-3000:]}")
     got = parse(run.stdout, variants, args.configs, args.reps)

@@ -1,11 +1,11 @@
 """Decode-kernel design space on a GPU: every (form, dots, dtype, block) variant of
 `pallas_kernels.decode_attention_gpu` checked against the XLA oracle and timed against cuDNN bf16
-in one process, at B=8, Hq=32, Hkv=8, D=128, S=32k (the issue's target shape).
+in one process, at B=8, Hq=32, Hkv=8, D=128, S=32k (the decode benchmark's shape).
 
-  PYTHONPATH=. python experiments/kernel_variants.py [--only NAME,NAME] [--configs K3/V3,K4/V4]
+  python -m experiments.kernel_variants [--only NAME,NAME] [--configs K3/V3,K4/V4]
 
 Prints a table and writes experiments/results/kernel_variants_<device>_<date>.md. The kernel's
-defaults are chosen from these tables; experiments/results/kernel_notes.md interprets them.
+defaults are chosen from these tables.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_decode import (  # noqa: E402
     CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, pallas_attention,
@@ -27,17 +25,17 @@ from experiments.bench_decode import (  # noqa: E402
 from tqjax import cache as C  # noqa: E402
 from tqjax import partials as tq_partials  # noqa: E402
 
+__all__ = ["VARIANTS", "main"]
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
-VARIANTS = {  # (forms measured on 2026-11-27 and removed from the kernel are in the results file)
+VARIANTS = {  # forms measured on 2026-11-27 and not in the kernel are in the results files
     "tf32 st2": dict(num_stages=2),
     "tf32 st3": dict(num_stages=3),
     "tf32 st4": dict(num_stages=4),
     "bf16 st3": dict(dot_dtype="bfloat16", num_stages=3),
     "bf16 st4": dict(dot_dtype="bfloat16", num_stages=4),
     "bf16 st4 splits32": dict(dot_dtype="bfloat16", num_stages=4, num_splits=32),
-    "tf32 st4 load_only": dict(num_stages=4, variant="load_only"),
-    "tf32 st4 no_values": dict(num_stages=4, variant="no_values"),
 }
 
 
@@ -107,14 +105,14 @@ def main(argv=None) -> None:
     for name in names:
       opts = VARIANTS[name]
       try:
-        err = check(cname, opts) if "variant" not in opts else None
+        err = check(cname, opts)
         us = bench(lambda c, q, o=opts: pallas_attention(c, q, **o), list(zip(caches, qs)), reps=args.reps)
       except Exception as e:  # noqa: BLE001 — a variant that fails to compile is a result too
         print(f"{cname} {name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
         continue
       rows.append((name, cname, us, nbytes, err))
       print(f"{cname:10s} {name:28s} {us:8.1f} µs  {nbytes / us / 1e6:6.3f} TB/s  {cudnn_us / us:5.2f}× cuDNN  "
-            f"err {err if err is None else f'{err:.1e}'}", flush=True)
+            f"err {err:.1e}", flush=True)
   md = [f"# Decode kernel variants — {dev.device_kind}, {date}", "",
         f"jax {jax.__version__}; B={b}, Hq={hq}, Hkv={kh}, D={d}, S={s}; median of {args.reps}; "
         f"copy bandwidth {copy_tbs:.3f} TB/s (x + 1, read + write).", "",

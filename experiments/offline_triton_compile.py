@@ -11,7 +11,7 @@ ptxas. Uses the `triton` wheel from PyPI (not a project dependency; it bundles p
 not the Triton inside jaxlib, so a config that compiles here can still fail there (or the
 reverse); treat the numbers as estimates. Install it beside the project, e.g.
   python -m venv /tmp/tv && /tmp/tv/bin/pip install triton
-Run: PYTHONPATH=. python experiments/offline_triton_compile.py --triton-python /tmp/tv/bin/python
+Run: python -m experiments.offline_triton_compile --triton-python /tmp/tv/bin/python
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import collections
 import functools
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import lowering as triton_lowering
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
 from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
@@ -58,7 +56,6 @@ DECODE_CASES = {  # name: (k bits, v bits, k variant, kernel options); B=8, Hq=3
     "decode K3/V3 bf16 dots": (3, 3, "mse", dict(dot_dtype="bfloat16")),
     "decode K4/V4 tf32": (4, 4, "mse", {}),
     "decode K3prod/V3 tf32": (3, 3, "prod", {}),
-    "decode K3/V3 load_only": (3, 3, "mse", dict(variant="load_only")),
 }
 
 _COMPILE = r"""

@@ -1,7 +1,7 @@
 """Instruction mix of a kernel's main loop, by opcode and execution pipe, from its SASS (offline).
 
-  python experiments/sass_mix.py kernel.ptx --ptxas PATH/ptxas      # compile for sm_90a, then count
-  python experiments/sass_mix.py kernel.sass                         # `cuobjdump -sass` output
+  python -m experiments.sass_mix kernel.ptx --ptxas PATH/ptxas      # compile for sm_90a, then count
+  python -m experiments.sass_mix kernel.sass                         # `cuobjdump -sass` output
 
 Get the PTX of a Mosaic GPU kernel on a GPU machine with `MOSAIC_GPU_DUMP_PTX=1` (it is printed
 between `.version` and the last `}`; this script cuts it out of such a log). ptxas, cuobjdump

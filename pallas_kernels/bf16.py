@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+__all__ = ["split"]
+
 
 def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """float32 x → (hi, lo) bfloat16, same shape, with hi + lo = x to ~2^-16 relative."""

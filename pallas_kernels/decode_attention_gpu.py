@@ -29,9 +29,9 @@ How a block is dequantized without gathers, reshapes of packed words or slicing 
   operands with `dot_dtype="bfloat16"` (the query and probabilities split hi + lo by
   `pallas_kernels.bf16.split`, centroids rounded once: 0.9–2.3e-3; 5–35 % faster, most at D=256).
 
-Status (H200, 2026-11-27; experiments/results/kernel_notes.md, kernel_variants_*.md): correct,
-2.4–4.4× faster than the XLA reference path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50×
-(K3/V3, bf16 dots) of cuDNN bf16, at 6–8 % of copy bandwidth.
+Speed (H200, 2026-11-27, experiments/kernel_variants.py): 2.4–4.4× faster than the XLA reference
+path, but at S=32k only 0.34× (K4/V4, tf32) to 0.50× (K3/V3, bf16 dots) of cuDNN bf16, at 6–8 %
+of copy bandwidth; on Hopper `decode_mgpu` replaces this kernel where it applies (`dispatch`).
 Not memory-bound: ~18 SASS instructions per cached coordinate (~12 of them dequantization;
 experiments/offline_triton_compile.py --decode), issued at ~35 % of peak because 168 registers
 allow only 12 warps per SM (Nsight Compute: SM throughput 67 %, memory 41 %). Building the tiles
@@ -54,16 +54,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import bf16
+from pallas_kernels.column_order import from_column_major, to_column_major
 from tqjax import packing
 from tqjax.partials import compressed_partial_reference
 from tqjax.codebook import lloyd_max  # static float64 centroids (the pytree's are traced under jit)
+
+__all__ = ["DOT_DTYPES", "HEAD_DIMS", "LANES", "MAX_CODE_BITS", "MAX_ROWS", "decode_partial",
+           "decode_partial_reference", "default_block_k", "default_num_splits", "merge_splits", "supported",
+           "tq_decode_kernel"]
 
 LANES = packing.WORD_BITS  # 32 slots per packed word
 HEAD_DIMS = (32, 64, 128, 256)
 MAX_CODE_BITS = 4  # codebook bits the polynomial dequantizer handles (odd degree ≤ 15)
 MAX_ROWS = 64  # G·T query rows of one kv head in one program
 _MAGIC = 0x4B000000  # bits of 2^23: OR-ing an integer < 2^23 into the mantissa gives 2^23 + n
-_VARIANTS = ("full", "no_poly", "no_values", "no_keys_dot", "load_only")
 DOT_DTYPES = ("float32", "bfloat16")
 
 
@@ -131,7 +135,7 @@ def _field_source(halves, row: int, pos: int):
   return (lo, pos + 1) if pos < 15 else (hi, pos - 14)
 
 
-def _dequant_leaves(rows, bits: int, coeffs: tuple[float, ...], variant: str):
+def _dequant_leaves(rows, bits: int, coeffs: tuple[float, ...]):
   """Codebook values of the 32 slots of a block: list of [BK, W] float32 (kernel order leaves)."""
   halves = _split_halves(rows)
   n = 2**bits
@@ -153,7 +157,7 @@ def _dequant_leaves(rows, bits: int, coeffs: tuple[float, ...], variant: str):
     f = lax.bitcast_convert_type(code | jnp.uint32(_MAGIC), jnp.float32)  # 2^23 + code·2^base
     scale = 2.0 ** (-base) / h
     t = f * jnp.float32(scale) - jnp.float32(2.0 ** (23 - base) / h + (n - 1) / (2 * h))  # exact
-    leaves.append(t if variant == "no_poly" else _odd_poly_eval(t, coeffs))
+    leaves.append(_odd_poly_eval(t, coeffs))
   return leaves
 
 
@@ -177,15 +181,6 @@ def _sign_leaves(row):
     f = lax.bitcast_convert_type((src & jnp.uint32(1 << pos)) | jnp.uint32(_MAGIC), jnp.float32)
     leaves.append(f * jnp.float32(2.0 ** (1 - pos)) - jnp.float32(2.0 ** (24 - pos) + 1.0))
   return leaves
-
-
-def _touch(rows, block: int, width: int):
-  """Benchmark stand-in for dequantization: one op per loaded word, so the loads stay live."""
-  x = rows[0]
-  for r in rows[1:]:
-    x = x ^ r
-  leaf = lax.bitcast_convert_type((x & jnp.uint32(0xFFFF)) | jnp.uint32(_MAGIC), jnp.float32)
-  return _to_kernel_order([leaf] * LANES, block, width)
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -218,9 +213,11 @@ def tq_decode_kernel(
     blocks_per_split: int,
     num_rows: int,
     seq_len: int,
-    variant: str,
     dot_dtype: str,
 ):
+  """One split of one (batch, kv head): the online softmax of the query rows over the blocks of
+  block_k slots this split owns, clipped to the blocks that hold attended slots [min lo, max hi);
+  writes the split's unnormalized accumulator, running max and sum."""
   rows_p, head_dim = q_ref.shape
   width = head_dim // LANES
   num_blocks = pl.cdiv(seq_len, block_k)
@@ -239,9 +236,7 @@ def tq_decode_kernel(
 
   def deq(ref, start, nbits, coeffs):
     rows = _rows(ref, start, block_k, nbits, width)
-    if variant == "load_only":
-      return _touch(rows, block_k, width)
-    return _to_kernel_order(_dequant_leaves(rows, nbits, coeffs, variant), block_k, width)
+    return _to_kernel_order(_dequant_leaves(rows, nbits, coeffs), block_k, width)
 
   def signs(start):
     return _to_kernel_order(_sign_leaves(_rows(ks_ref, start, block_k, 1, width)[0]), block_k, width)
@@ -265,10 +260,7 @@ def tq_decode_kernel(
     ok = (slots >= i * block_k) & (slots >= lo[:, None]) & (slots < hi[:, None])  # [Rp, BK]
 
     kdeq = deq(kc_ref, start, k_bits, k_coeffs)
-    if variant == "no_keys_dot":
-      ip = jnp.broadcast_to(jnp.sum(kdeq, axis=1)[None, :], (rows_p, block_k))
-    else:
-      ip = matmul(q, kdeq, (1, 1))  # [Rp, BK]
+    ip = matmul(q, kdeq, (1, 1))  # [Rp, BK]
     if sq is not None:
       ip = ip + matmul(sq, signs(start), (1, 1)) * kr_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]
     knorm = kn_ref[pl.ds(start, block_k)].astype(jnp.float32)
@@ -285,9 +277,7 @@ def tq_decode_kernel(
     vnorm = vn_ref[pl.ds(start, block_k)].astype(jnp.float32)
     # where, not multiply: a masked slot's norm may be NaN or garbage and must not leak.
     pv = jnp.where(ok, p * vnorm[None, :], 0.0)
-    acc = acc_prev * corr[:, None]
-    if variant != "no_values":
-      acc = acc + matmul(pv, deq(vc_ref, start, v_bits, v_coeffs), (1, 0))
+    acc = acc_prev * corr[:, None] + matmul(pv, deq(vc_ref, start, v_bits, v_coeffs), (1, 0))
     return acc, m_new, l_new
 
   acc0 = jnp.zeros((rows_p, head_dim), jnp.float32)
@@ -325,7 +315,6 @@ def _decode_unbatched(
     num_warps: int,
     num_stages: int,
     interpret: bool,
-    variant: str,
     dot_dtype: str,
     poison: bool,
 ):
@@ -346,7 +335,6 @@ def _decode_unbatched(
       blocks_per_split=blocks_per_split,
       num_rows=num_rows,
       seq_len=seq_len,
-      variant=variant,
       dot_dtype=dot_dtype,
   )
   full = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
@@ -411,19 +399,8 @@ def supported(cache) -> tuple[bool, str]:
   return True, ""
 
 
-def _to_kernel_perm(x: jax.Array) -> jax.Array:
-  """[..., D] natural order (i = s·W + w) → kernel order (j = w·32 + s)."""
-  d = x.shape[-1]
-  return jnp.swapaxes(x.reshape(*x.shape[:-1], LANES, d // LANES), -1, -2).reshape(x.shape)
-
-
-def _from_kernel_perm(x: jax.Array) -> jax.Array:
-  """Inverse of `_to_kernel_perm`."""
-  d = x.shape[-1]
-  return jnp.swapaxes(x.reshape(*x.shape[:-1], d // LANES, LANES), -1, -2).reshape(x.shape)
-
-
 def default_block_k(head_dim: int, seq_len: int) -> int:
+  """Slots per block: 64 up to head_dim 128, else 32, halved (not below 16) while longer than seq_len."""
   bk = 64 if head_dim <= 128 else 32
   while bk > 16 and bk > seq_len:
     bk //= 2
@@ -440,7 +417,7 @@ def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) ->
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "variant", "dot_dtype",
+        "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret", "dot_dtype",
         "poison"),
 )
 def decode_partial(
@@ -455,21 +432,22 @@ def decode_partial(
     num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
-    variant: str = "full",
     dot_dtype: str = "float32",
     poison: bool = False,
 ):
   """The fused kernel under the contract of `tqjax.partials.compressed_partial_reference`.
 
   Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
-  m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0.
+  m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0. block_k, num_splits,
+  num_warps, num_stages: Triton's tiling (None: the defaults here); dot_dtype: "float32" (tf32
+  dots) or "bfloat16" (split operands); interpret: Pallas interpret mode (any backend); poison: a
+  test switch, outputs start as NaN (aliased inputs) so that anything left unwritten shows.
   """
   ok, why = supported(cache)
   if not ok:
     raise ValueError(f"the Pallas GPU decode kernel does not support this cache: {why}")
-  for name, val, allowed in (("variant", variant, _VARIANTS), ("dot_dtype", dot_dtype, DOT_DTYPES)):
-    if val not in allowed:
-      raise ValueError(f"{name}={val!r} must be one of {allowed}")
+  if dot_dtype not in DOT_DTYPES:
+    raise ValueError(f"{dot_dtype=} must be one of {DOT_DTYPES}")
   b, kh, g, t, d = pq.q[0].shape
   rows = g * t
   if rows > MAX_ROWS:
@@ -498,11 +476,11 @@ def decode_partial(
     x = x.reshape(b, kh, rows, *x.shape[4:])
     return jnp.pad(x, [(0, 0), (0, 0), (0, rows_p - rows)] + [(0, 0)] * (x.ndim - 3))
 
-  q = rows_of(_to_kernel_perm(pq.q[0].astype(jnp.float32)))
+  q = rows_of(to_column_major(pq.q[0].astype(jnp.float32)))
   sq = None
   if kq.qjl is not None:
     coef = 1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim)
-    sq = rows_of(_to_kernel_perm(pq.sq[0].astype(jnp.float32) * jnp.float32(coef)))
+    sq = rows_of(to_column_major(pq.sq[0].astype(jnp.float32) * jnp.float32(coef)))
   offset = rows_of(pq.offset.astype(jnp.float32))
   row_range = lambda x, fill: jnp.pad(
       jnp.broadcast_to(x.astype(jnp.int32)[:, None, None, :], (b, kh, g, t)).reshape(b, kh, rows),
@@ -522,13 +500,12 @@ def decode_partial(
       num_warps=num_warps,
       num_stages=num_stages,
       interpret=interpret,
-      variant=variant,
       dot_dtype=dot_dtype,
       poison=poison,
   )
   acc, m, l = jax.vmap(jax.vmap(inner))(q, sq, offset, lo_r, hi_r, kc, kn, ks, kr, vc, vn)
   acc, m_all, l_all = merge_splits(acc, m, l)
-  acc = _from_kernel_perm(acc).reshape(b, kh, g, t, d)
+  acc = from_column_major(acc).reshape(b, kh, g, t, d)
   return (acc,), m_all.reshape(b, kh, g, t), l_all.reshape(b, kh, g, t)
 
 

@@ -42,9 +42,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.column_order import from_column_major, to_column_major
 from tqjax import packing
 from tqjax.cache import KVCache
 from tqjax.partials import PreparedQuery, compressed_partial_reference
+
+__all__ = ["MAX_CODEBOOK_BITS", "decode_attention_kernel", "decode_partial_reference", "decode_partial_tpu",
+           "supported"]
 
 _HIGHEST = lax.Precision.HIGHEST
 _SUBLANES = 8  # slots per unpacked tile: one sublane group
@@ -188,20 +192,6 @@ def decode_attention_kernel(
 # ----------------------------------------------------------------------------- wrapper
 
 
-def _column_major(x: jax.Array, cols: int) -> jax.Array:
-  """[..., n] in packing order i = s·cols + w → zero-padded [..., 32·cols] in order w·32 + s."""
-  n = x.shape[-1]
-  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, packing.WORD_BITS * cols - n)])
-  x = x.reshape(*x.shape[:-1], packing.WORD_BITS, cols)
-  return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], packing.WORD_BITS * cols)
-
-
-def _from_column_major(x: jax.Array, cols: int, n: int) -> jax.Array:
-  """Inverse of `_column_major`: [..., 32·cols] → [..., n]."""
-  x = x.reshape(*x.shape[:-1], cols, packing.WORD_BITS)
-  return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], packing.WORD_BITS * cols)[..., :n]
-
-
 def supported(cache: KVCache) -> tuple[bool, str]:
   """(True, "") if the kernel handles this cache's configuration, else (False, reason)."""
   outlier_channels = cache.config.outlier_channels
@@ -284,7 +274,7 @@ def decode_partial_tpu(
   # Magnitudes of the symmetric codebooks: the upper half, c[2^(b−1):] ≥ 0.
   kmag = tqk.codebook.centroids[2 ** (k_bits - 1) :] if k_bits else jnp.zeros((1,), jnp.float32)
   vmag = tqv.codebook.centroids[2 ** (v_bits - 1) :]
-  q = _column_major(pq.q[0][:, :, :, 0, :].astype(jnp.float32), k_cols)  # [B, K, G, 32·Wk]
+  q = to_column_major(pq.q[0][:, :, :, 0, :].astype(jnp.float32), k_cols)  # [B, K, G, 32·Wk]
   off = pq.offset.astype(jnp.float32)  # [B, K, G, 1]
   as_row = lambda x: x.reshape(bsz, kh, 1, cap)  # [B, K, S] → [B, K, 1, S], free
   # The extra HBM pass this module's docstring accounts for: rows onto the sublane axis.
@@ -298,7 +288,7 @@ def decode_partial_tpu(
   inputs.append(as_row(kcode.norms))
   specs.append(per_token(1))
   if prod:
-    sq = _column_major(pq.sq[0][:, :, :, 0, :].astype(jnp.float32), qjl_cols)  # [B, K, G, 32·Wm]
+    sq = to_column_major(pq.sq[0][:, :, :, 0, :].astype(jnp.float32), qjl_cols)  # [B, K, G, 32·Wm]
     inputs += [sq, t_codes(kcode.qjl_signs), as_row(kcode.residual_norms)]
     specs += [per_head((g, sq.shape[-1])), per_token(qjl_cols), per_token(1)]
   inputs += [t_codes(vcode.codes), as_row(vcode.norms)]
@@ -333,7 +323,7 @@ def decode_partial_tpu(
       interpret=interpret,
       name="tq_decode_attention_tpu",
   )(lo[:, 0], hi[:, 0], *inputs)
-  acc = _from_column_major(acc, v_cols, tqv.dim)[:, :, :, None, :]
+  acc = from_column_major(acc, tqv.dim)[:, :, :, None, :]
   return (acc,), m, l
 
 

@@ -1,47 +1,36 @@
 """Fused decode attention on Hopper GPUs (Pallas Mosaic GPU) over the packed TurboQuant cache.
 
-The contract of `tqjax.partials.compressed_partial_reference` (as `decode_attention_gpu`, the
-Triton kernel, which handles every config this one does not) for: mse or prod keys and mse
-values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 64, 128 or 256, no
-outlier channels, at most 8 query rows (G·T) per kv head.
+The contract of `tqjax.partials.compressed_partial_reference` (`decode_partial_reference` here; the
+Triton kernel `decode_attention_gpu` handles every config this one does not) for: mse or prod
+keys and mse values of 1-4 codebook bits (prod: a QJL sketch of head_dim rows), head_dim 64, 128
+or 256, no outlier channels, at most 8 query rows (G·T) per kv head. Tuned by `DecodeTuning`, a
+static argument of `decode_partial`.
 
 Per (batch·kv head, split of the sequence) one CTA (one warpgroup) streams blocks of packed
-key/value codes and norms through a two-stage TMA pipeline (all of a block's copies on one
-barrier). Each of its four warps owns `TILES[D]` 16-token tiles of every block (tokens
-64t + 16w .. 64t + 16w + 15 of tile t: two tiles of a 128-token block at D = 64 and 128, one of a
-64-token block at D = 256) and runs its own online softmax with warp-level `mma.sync` m16n8k16
-(inline PTX): no shared-memory staging and no cross-warp barrier inside a block but the one that
-frees the stage slot for its refill. At D = 256 a thread holds two 128-coordinate halves of each
-of its tokens (packed columns c and c + 4), each dequantized and multiplied as a whole D = 128
-token is; at D = 64 it holds half of one packed column (slots 16·(c // 2) .. + 15 of column
-c % 2, `_half_words`). Code arrays are read as TMA rows of up to eight tokens
-(`_tokens_per_row`: narrow rows stream slowly; rows are multiples of 16 bytes, so at D = 64 codes
-of 2 or 6 words per token need at least two).
+key/value codes and norms through a TMA pipeline of `stages` blocks (all of a block's copies on
+one barrier). Each of its four warps owns `tiles` 16-token tiles of every block (tokens
+64t + 16w .. 64t + 16w + 15 of tile t: by default two tiles of a 128-token block at D = 64 and
+128, one of a 64-token block at D = 256) and runs its own online softmax with warp-level
+`mma.sync` m16n8k16 (inline PTX, `pallas_kernels.ptx`): no shared-memory staging and no
+cross-warp barrier inside a block but the one that frees the stage slot for its refill. At
+D = 256 a thread holds two 128-coordinate halves of each of its tokens (packed columns c and
+c + 4), each dequantized and multiplied as a whole D = 128 token is; at D = 64 it holds half of
+one packed column (slots 16·(c // 2) .. + 15 of column c % 2, `dequant.half_words`). Code arrays
+are read as TMA rows of up to eight tokens (`_tokens_per_row`: narrow rows stream slowly; rows
+are multiples of 16 bytes, so at D = 64 codes of 2 or 6 words per token need at least two).
 
-* Dequantization by byte permutes, in registers, straight into the mma operand layout. After the
-  random rotation any coordinate order is as good as any other, so the kernel picks the one in which
-  a thread's 32 coordinates of a token in a 128-coordinate half (the columns 8k + 2c + e it holds of
-  an A fragment, c = lane % 4) are exactly packed column c (`tqjax.packing`; at D = 64 16
-  coordinates, half of one): the thread reads its b words of the token and no data moves between
-  threads. From them it builds selector words holding four codes as nibbles (for 3 bits: the 2-bit
-  fields at nibble positions come from one shift and mask; the 1-bit row is spread to even bits once
-  per token), and each PTX `prmt` looks up four codes at once in a byte table held in registers: one
-  for the low and one for the high bytes of the 16-bit centroids (float16 for keys, bfloat16 for
-  values), two more interleave them into pairs (≈ 1.8 instructions per coordinate at 3 bits). 4-bit
-  codes use the codebook's symmetry: the magnitude (8 entries) is looked up and the sign is flipped
-  by a third `prmt` + XOR. 1-bit codes (QJL signs, 1-bit codebooks: symmetric too) need no lookup:
-  one shift brings the bits of two slots to the pair's sign bits, one LOP3 sets ±entry 1
-  (`_sign_pairs`, ≈ 1 instruction per coordinate).
+* Dequantization by byte permutes, in registers, straight into the mma operand layout
+  (`pallas_kernels.dequant`, in the kernel coordinate order `dequant.kernel_perm`).
 * Keys (`_key_dot`): per warp and tile logitsᵀ [16 tokens, 8] = K̂ [16, D] · qᵀ in float16, D/16
   mma k-steps, the ≤ 8 query rows padded to 8 (the mma N) and scaled per row by a power of two,
   their B fragments built once per CTA from the float32 rows of the rotation's output
-  (`_prepare_query`; references `_float16_rows`, `q_fragments`); × q scale × key norms,
+  (`_prepare_query`; references `float16_rows`, `q_fragments`); × q scale × key norms,
   + offset, soft cap, masking of slots outside [lo, hi) (a last block reaching past S gets zeros
   from TMA, masked too). Prod keys add their QJL estimate of q·r: the sign words are a 1-bit
-  row, expanded into ±1 (`SIGN_TABLE`, `_sign_pairs`) for a second float16 dot against
-  S·q/(κ·m), × the residual norms.
-* Online softmax per warp: its running max moves only when a logit of its 16·TILES[D] tokens
-  exceeds it by more than `MAX_SLACK` (one vote), then by three rounds of shuffles
+  row, expanded into ±1 (`dequant.SIGN_TABLE`) for a second float16 dot against S·q/(κ·m), × the
+  residual norms.
+* Online softmax per warp: its running max moves only when a logit of its 16·tiles tokens
+  exceeds it by more than `max_slack` (one vote), then by three rounds of shuffles
   (`_running_max`); l is kept per thread. Without a soft cap exp is approximate (ex2.approx).
 * Values (`_value_dot`): V̂ [16, D] of a tile is dequantized the same way (bfloat16), each 8×8 tile
   transposed in registers (`movmatrix`) into the A fragments of V̂ᵀ; p·‖v‖ (bfloat16) likewise
@@ -51,19 +40,22 @@ of 2 or 6 words per token need at least two).
   shared memory (`_warp_sum`).
 * Splits are merged in the kernel (flash-decoding): every split but the last stores its
   partial (acc, m, l) to global memory and signals a semaphore of its (batch, kv head); the last
-  split waits for the others and merges them, four partials per memory round trip. The kernel
-  coordinate order is undone in XLA.
+  split waits for the others and merges them, `merge_unroll` partials per memory round trip. The
+  kernel coordinate order is undone in XLA.
 * Pallas' automatic barriers around shared-memory stores and TMA issues are off
   (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Status: README ("GPU decode benchmark") and experiments/results/kernel_notes.md (sessions 8-11).
+Measurements behind the defaults: `DecodeTuning`'s field comments; the decode benchmark: README
+("GPU decode benchmark").
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
-slots, D = 64, 128 or 256, W = D/32 packed columns, BK = `block_tokens(D)` tokens per block.
+slots, D = 64, 128 or 256, W = D/32 packed columns, BK = `DecodeTuning.block_tokens(D)` tokens per
+block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -75,15 +67,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import ptx
+from pallas_kernels.dequant import BITS, HEAD_DIMS, QUAD, SIGN_TABLE, byte_tables, expand, half_words, kernel_perm
+from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
-from tqjax.codebook import lloyd_max
+from tqjax.partials import compressed_partial_reference
+
+__all__ = ["DEFAULT_TILES", "MAX_ROWS", "DecodeTuning", "decode_partial", "decode_partial_reference",
+           "default_num_splits", "float16_rows", "par_tables", "q_fragments", "supported"]
 
 # 16-token tiles (the mma M of the key dot, the K of the value dot) per warp and block, per
-# head_dim (H200, pipelined same-run A/B, sessions 9-10; register counts of those builds).
+# head_dim (H200, pipelined same-run A/B, 2026-11-29; register counts of those builds).
 # * D = 128, two: per call 6-9 % faster than one for mse keys and 4-5 % for prod keys at S = 32k
 #   and 128k (twice the independent work between a block's shuffles and barrier; 126 registers,
-#   138 for prod keys; session 11's build, compiled for a 3001-slot cache: 128 for K3/V3, 136 for
-#   K4/V4, 141 for prod keys, i.e. 4, 3 and 3 CTAs per SM; the count moves with the split count).
+#   138 for prod keys; compiled for a 3001-slot cache: 128 for K3/V3, 136 for K4/V4, 141 for
+#   prod keys, i.e. 4, 3 and 3 CTAs per SM; the count moves with the split count).
 #   Three: 3 % slower for K3/V3, 1 % faster for prod keys; four: 8-9 % slower (158 / 178
 #   registers: 3 CTAs per SM). Two stages of 128 tokens keep K3/V3 at 4 CTAs per SM.
 # * D = 256 (twice the accumulator per thread), one: 5 % faster than two for K3/V3 at S = 16k,
@@ -91,287 +89,71 @@ from tqjax.codebook import lloyd_max
 #   two: 9 % slower for K3/V3, 3 % for prod keys, ±0 for K4/V4.
 # * D = 64, two: 107-126 registers (154-194 with four). Four against two: within the harness'
 #   noise for mse keys, 2-8 % slower for prod keys at S = 32k (two runs).
-TILES = {64: 2, 128: 2, 256: 1}
-STAGES = 2  # pipeline depth: blocks in flight per CTA
-HEAD_DIMS = (64, 128, 256)  # a thread's packed columns: c + 4u of every 128-coordinate half u (64: half of c % 2)
+DEFAULT_TILES = {64: 2, 128: 2, 256: 1}
 MAX_ROWS = 8  # G·T query rows per kv head: the mma N of both dots
-MERGE_UNROLL = 4  # split partials the merging CTA loads at once
-KEY_CHAINS = 2  # independent mma.sync accumulators of the key dot
-# Masks (slots outside a row's [lo, hi), and a masked slot's p·‖v‖) only in the blocks that reach
-# past some real row's range: a block-uniform branch (`lax.cond`) saves the compares and selects
-# (~40 ALU instructions per block and warp at K3/V3) everywhere else. Padded rows are then
-# unmasked there, harmlessly (their q is zero and they are dropped). False: masks in every block.
-EDGE_MASKS_ONLY = True
-MAX_SLACK = 4.0  # how far a logit may exceed the running max before it moves (`_running_max`): p ≤ e^4;
-# None: the exact max every block (the A/B baseline)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+  """How `decode_partial` runs the kernel (a static argument: each value compiles its own kernel).
+  The defaults are the fastest measured forms; the other values are the A/B alternatives.
+
+  stages: pipeline depth, blocks in flight per CTA.
+  tiles: 16-token tiles per warp and block; None: `DEFAULT_TILES[D]`.
+  num_splits: CTAs per (batch, kv head) along the sequence; None: `default_num_splits`.
+  merge_unroll: split partials the merging CTA loads at once (one memory latency per group).
+  key_chains: independent `mma.sync` accumulators of the key dot (shorter dependent chains).
+  edge_masks_only: masks (slots outside a row's [lo, hi), and a masked slot's p·‖v‖) only in the
+    blocks that reach past some real row's range: a block-uniform branch (`lax.cond`) saves the
+    compares and selects (~40 ALU instructions per block and warp at K3/V3) everywhere else.
+    Padded rows are then unmasked there, harmlessly (their q is zero and they are dropped).
+    False: masks in every block.
+  max_slack: how far a logit may exceed the running max before it moves (`_running_max`):
+    p ≤ e^max_slack; None: the exact max every block.
+  """
+
+  stages: int = 2
+  tiles: int | None = None
+  num_splits: int | None = None
+  merge_unroll: int = 4
+  key_chains: int = 2
+  edge_masks_only: bool = True
+  max_slack: float | None = 4.0
+
+  def __post_init__(self):
+    for name in ("stages", "merge_unroll", "key_chains"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int ≥ 1")
+    for name in ("tiles", "num_splits"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r} must be None or an int ≥ 1")
+    if not isinstance(self.edge_masks_only, bool):
+      raise ValueError(f"edge_masks_only={self.edge_masks_only!r} must be a bool")
+    if self.max_slack is not None and (isinstance(self.max_slack, bool) or not isinstance(self.max_slack, (int, float))
+                                       or not 0 <= self.max_slack < math.inf):
+      raise ValueError(f"max_slack={self.max_slack!r} must be None or a finite number ≥ 0")
+
+  def tiles_for(self, d: int) -> int:
+    """16-token tiles per warp and block at head_dim d."""
+    return DEFAULT_TILES[d] if self.tiles is None else self.tiles
+
+  def block_tokens(self, d: int) -> int:
+    """BK: tokens per block (and stage) at head_dim d: 64 per tile."""
+    return 64 * self.tiles_for(d)
+
+
 # The rows of par (8 · 4 bytes each). "tables": the key (words 0-3, float16) and value (4-7,
 # bfloat16) byte tables of `byte_tables`; "signs": `SIGN_TABLE` (0-3). The kernel loads the tables
 # from here (a few shared-memory loads per block) rather than taking them as constants: as
 # constants ptxas kept them in uniform registers and copied one into a register before every
 # `prmt` (129 `IMAD.U32` per block and warp for K3/V3 at D = 128, 12 % of the loop's
 # instructions; loaded, 1.5-2 % faster for K4/V4 and prod keys, neutral for K3/V3).
-_PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", "span")
 # "span": words 0, 1 = the largest lo and the smallest hi over the head's real rows: a block inside
-# [span[0], span[1]) needs no masks (`EDGE_MASKS_ONLY`).
-_MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `_float16_rows` scales (2^-118)
-BITS = (1, 2, 3, 4)
-_QUAD = 4  # lanes of an mma fragment's column quad: the packed columns of a 128-coordinate half
-
-
-def block_tokens(d: int) -> int:
-  """BK: tokens per block (and stage) at head_dim d: 64 per tile."""
-  return 64 * TILES[d]
-
-
-# ----------------------------------------------------------------------------- dequantization
-# Written once against an `ops` object, so the same code emits the kernel's MLIR (`_MlirOps`) and
-# runs on NumPy uint32 arrays in the CPU tests (`NumpyOps`).
-
-
-class NumpyOps:
-  """uint32 bit operations on NumPy arrays, with PTX `prmt.b32` semantics (default mode)."""
-
-  @staticmethod
-  def const(v):
-    return np.uint32(v)
-
-  shr = staticmethod(lambda x, n: np.uint32(x) >> np.uint32(n))
-  shr_by = shr
-  shl = staticmethod(lambda x, n: (np.uint32(x) << np.uint32(n)) & np.uint32(0xFFFFFFFF))
-  band = staticmethod(lambda x, y: np.uint32(x) & np.uint32(y))
-  bor = staticmethod(lambda x, y: np.uint32(x) | np.uint32(y))
-  bxor = staticmethod(lambda x, y: np.uint32(x) ^ np.uint32(y))
-  mul = staticmethod(lambda x, k: (np.asarray(x, np.uint64) * np.uint64(k) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
-
-  @staticmethod
-  def prmt(a, b, sel):
-    """Byte i of the result: byte (sel >> 4i) & 7 of the 8-byte {b, a}; sign-replicated if bit 3."""
-    a, b, sel = np.broadcast_arrays(np.asarray(a, np.uint32), np.asarray(b, np.uint32), np.asarray(sel, np.uint32))
-    src = np.stack([(a >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-                   + [(b >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)])
-    out = np.zeros(a.shape, np.uint32)
-    for i in range(4):
-      nib = (sel >> np.uint32(4 * i)) & np.uint32(0xF)
-      byte = np.take_along_axis(src, (nib & np.uint32(7)).astype(np.int64)[None], axis=0)[0]
-      byte = np.where(nib & np.uint32(8), np.where(byte & np.uint32(0x80), np.uint32(0xFF), np.uint32(0)), byte)
-      out |= byte.astype(np.uint32) << np.uint32(8 * i)
-    return out
-
-
-def _spread_even(x, ops):
-  """The 16 low bits of x moved to the even bits: bit s → bit 2s."""
-  x = ops.prmt(x, ops.const(0), ops.const(0x4140))  # bytes [x0, 0, x1, 0]
-  x = ops.band(ops.bor(x, ops.shl(x, 4)), ops.const(0x0F0F0F0F))
-  x = ops.band(ops.bor(x, ops.shl(x, 2)), ops.const(0x33333333))
-  return ops.band(ops.bor(x, ops.shl(x, 1)), ops.const(0x55555555))
-
-
-def _selectors(words, bits: int, ops, slots: int = 32):
-  """Selector words of a token's packed column (2-4 bits; 1 bit: `_sign_pairs`): list of (word,
-  slots), each word holding the codes of 8 slots as nibbles (`slots`, nibble order); for 4 bits,
-  (magnitude index, negative flags) pairs instead of codes. words: this column's b packed words,
-  `tqjax.packing` rows; or, with slots = 16, the words of one half of it (slots 16h .. 16h + 15,
-  numbered from 0 here) as `_half_words` gives them."""
-  halves = slots // 16
-  m2, m3 = ops.const(0x33333333), ops.const(0xCCCCCCCC)
-  even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
-  if bits == 4:
-    out = []
-    for r, x in enumerate(words):  # row r holds slots 8r + m at nibble m
-      neg = ops.band(ops.bxor(ops.shr(x, 3), ops.const(0xFFFFFFFF)), ops.const(0x11111111))
-      idx = ops.band(ops.bxor(x, ops.mul(neg, 7)), ops.const(0x77777777))
-      out.append(((idx, neg), [8 * r + m for m in range(8)]))
-    return out
-  low = words[:halves]  # 2-bit rows: slots 16h + m at bits 2m
-  tops = None
-  if bits == 3:  # the 1-bit row holds code bit 2
-    c = words[halves]
-    tops = [_spread_even(c, ops)] + ([_spread_even(ops.shr(c, 16), ops)] if halves == 2 else [])
-  out = []
-  for h, a in enumerate(low):
-    x0, x1 = ops.band(a, m2), ops.band(ops.shr(a, 2), m2)  # nibble i: slot 2i / 2i + 1, low bits
-    if tops is not None:  # top bit of slot s sits at bit 2s of tops[h]; nibble bit 2 wanted
-      x0 = ops.bor(x0, ops.band(ops.shl(tops[h], 2), m3))
-      x1 = ops.bor(x1, ops.band(tops[h], m3))
-    out += [(x0, [16 * h + s for s in even]), (x1, [16 * h + s for s in odd])]
-  return out
-
-
-def _table_regs(tables, ops):
-  """The four words of a byte table (`table_words`) as `ops` values: ints (NumPy tests) are made
-  constants, values loaded in the kernel (`_load_table`) pass through."""
-  return [ops.const(t) if isinstance(t, (int, np.integer)) else t for t in tables]
-
-
-def _lookup(sel, tables, ops):
-  """Two bf16 pairs (as uint32) of the 4 low nibbles of `sel` (see `_selectors`)."""
-  l0, l1, h0, h1 = _table_regs(tables, ops)
-  if isinstance(sel, tuple):  # 4 bits: magnitude, then the sign by XOR on the high bytes
-    idx, neg = sel
-    lo, hi = ops.prmt(l0, l1, idx), ops.prmt(h0, h1, idx)
-    hi = ops.bxor(hi, ops.prmt(ops.const(0x8000), ops.const(0), neg))
-  else:
-    lo, hi = ops.prmt(l0, l1, sel), ops.prmt(h0, h1, sel)
-  return ops.prmt(lo, hi, ops.const(0x5140)), ops.prmt(lo, hi, ops.const(0x7362))
-
-
-def _sign_pairs(word, tables, ops, slots: int = 32):
-  """1-bit codes of a symmetric table (entry 0 = −entry 1: `SIGN_TABLE`, the 1-bit codebooks) →
-  slots / 2 pairs: pair p holds slots p (low half) and p + slots / 2 (high half), ±entry 1 by the
-  sign bit (bit clear: entry 0). One shift (word bits p and p + 16 to bits 15 and 31) and one
-  LOP3 ((~x & 0x80008000) | entry 1 in both halves) per pair; at slots = 16 a `prmt` first moves
-  slots 8-15 to bits 16-23."""
-  l0, _, h0, _ = _table_regs(tables, ops)
-  one = ops.bor(ops.band(ops.shr(l0, 8), ops.const(0xFF)), ops.band(h0, ops.const(0xFF00)))  # entry 1
-  both = ops.bor(one, ops.shl(one, 16))
-  if slots == 16:
-    word = ops.prmt(word, ops.const(0), ops.const(0x4140))  # bytes [slots 0-7, 0, slots 8-15, 0]
-  signs = ops.const(0x80008000)
-  pairs = []
-  for p in range(slots // 2):
-    x = ops.shl(word, 15 - p) if p < 15 else word
-    pairs.append(ops.bor(ops.band(ops.bxor(x, ops.const(0xFFFFFFFF)), signs), both))
-  return pairs
-
-
-def expand(words, bits: int, tables, ops, slots: int = 32):
-  """A token's packed column (b words; or, slots = 16, half of one: `_half_words`) → slots / 2
-  bf16 pairs (uint32, low half first): the thread's mma-operand columns 8k + 2c + e in order
-  k = 0, 1, .. (`kernel_slots` gives the slots)."""
-  if bits == 1:
-    return _sign_pairs(words[0], tables, ops, slots)
-  pairs = []
-  for sel, _ in _selectors(words, bits, ops, slots):
-    shift = (lambda s: (ops.shr(s[0], 16), ops.shr(s[1], 16))) if isinstance(sel, tuple) else (lambda s: ops.shr(s, 16))
-    for part in (sel, shift(sel)):
-      pairs += list(_lookup(part, tables, ops))
-  return pairs
-
-
-def kernel_slots(bits: int, slots: int = 32) -> np.ndarray:
-  """[slots]: the thread's operand column 8k + 2c + e holds slot kernel_slots[2k + e] of its
-  packed column (slots = 16: of its half of one, numbered from 0)."""
-  if bits == 1:  # `_sign_pairs`
-    return np.stack([np.arange(slots // 2), np.arange(slots // 2) + slots // 2], axis=1).reshape(-1)
-  out = []
-  words = [np.uint32(0)] * bits if slots == 32 else _half_words(lambda a, b: np.uint32(0), bits, 0, NumpyOps)
-  for _, got in _selectors(words, bits, NumpyOps, slots):
-    out += got
-  return np.asarray(out)
-
-
-def _half_words(word, bits: int, shift, ops):
-  """The words of slots 16h .. 16h + 15 of a packed column, as `_selectors(..., slots=16)` takes
-  them (D = 64: thread c takes half c // 2 of packed column c % 2). word(a, b): the column's packed
-  row a·h + b; shift = 16h (`ops.shr_by`). A 2-bit row holds 16 slots (row h), a 4-bit row 8
-  (rows 2h, 2h + 1), the 1-bit row 32 (moved down by 16h)."""
-  if bits == 4:
-    return [word(2, 0), word(2, 1)]
-  if bits == 1:
-    return [ops.shr_by(word(0, 0), shift)]
-  return [word(1, 0)] + ([ops.shr_by(word(0, 2), shift)] if bits == 3 else [])
-
-
-def kernel_perm(bits: int, d: int) -> np.ndarray:
-  """perm [d]: kernel coordinate j → natural coordinate perm[j] = slot·W + column (W = d / 32).
-  d ≥ 128: j = 128u + 8k + 2c + e (half u, thread column c) is slot `kernel_slots(bits)`[2k + e]
-  of packed column 4u + c; d = 64: j = 8k + 2c + e is slot 16·(c // 2) + `kernel_slots(bits,
-  16)`[2k + e] of packed column c % 2."""
-  if d not in HEAD_DIMS:
-    raise ValueError(f"head_dim={d} is not one of {HEAD_DIMS}")
-  w = d // packing.WORD_BITS
-  perm = np.empty(d, np.int64)
-  if w < _QUAD:
-    slots = kernel_slots(bits, 16)
-    for k in range(8):
-      for c in range(_QUAD):
-        for e in range(2):
-          perm[8 * k + 2 * c + e] = (16 * (c // 2) + slots[2 * k + e]) * w + c % 2
-    return perm
-  slots = kernel_slots(bits)
-  for u in range(d // 128):
-    for k in range(16):
-      for c in range(_QUAD):
-        for e in range(2):
-          perm[128 * u + 8 * k + 2 * c + e] = slots[2 * k + e] * w + _QUAD * u + c
-  return perm
-
-
-def byte_tables(bits: int, dtype, dim: int) -> tuple[int, int, int, int]:
-  """The lookup table of the `bits`-bit codebook in `dtype` (bfloat16 or float16): the codebook
-  (b ≤ 3, zero-padded to 8 entries; b = 1 read by `_sign_pairs`) or its 8 non-negative magnitudes
-  (b = 4; the sign is the top bit of the high byte in both dtypes). See `table_words`."""
-  c = np.asarray(lloyd_max(bits, dim)[0], np.float64)
-  if bits in (1, 4) and not np.allclose(c[2**bits // 2:], -c[2**bits // 2 - 1::-1], rtol=1e-12, atol=0):
-    raise AssertionError(f"the {bits}-bit codebook is not symmetric (`_sign_pairs`, `_lookup` need it)")
-  return table_words(c[8:] if bits == 4 else c, dtype)
-
-
-def table_words(values, dtype) -> tuple[int, int, int, int]:
-  """(lo bytes of entries 0-3, of 4-7, hi bytes of 0-3, of 4-7) of ≤ 8 `values` in the 16-bit
-  `dtype`, zero-padded to 8 entries: the four registers `_lookup` permutes."""
-  values = np.asarray(values, np.float64)
-  u16 = np.zeros(8, np.uint16)
-  u16[: values.size] = values.astype(np.float32).astype(dtype).view(np.uint16)
-  lo, hi = (u16 & 0xFF).astype(np.uint32), (u16 >> 8).astype(np.uint32)
-  word = lambda b: int(b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24))
-  return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
-
-
-SIGN_TABLE = table_words([-1.0, 1.0], np.float16)  # QJL sign bits 0 / 1 → −1 / +1 (`_sign_pairs`)
-
-
-class _MlirOps:
-  """The `ops` of `expand` as MLIR (arith + PTX prmt), on i32 values."""
-
-  def __init__(self):
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
-
-    self._arith, self._utils = arith, mgpu_utils
-    self._i32 = ir.IntegerType.get_signless(32)
-    self._consts = {}
-
-  def const(self, v):
-    v = int(v) & 0xFFFFFFFF
-    if v not in self._consts:
-      self._consts[v] = self._arith.constant(self._i32, v - (1 << 32) if v >= 1 << 31 else v)
-    return self._consts[v]
-
-  def shr(self, x, n):
-    return self._arith.shrui(x, self.const(n))
-
-  def shr_by(self, x, y):
-    return self._arith.shrui(x, y)
-
-  def shl(self, x, n):
-    return self._arith.shli(x, self.const(n))
-
-  def band(self, x, y):
-    return self._arith.andi(x, y)
-
-  def bor(self, x, y):
-    return self._arith.ori(x, y)
-
-  def bxor(self, x, y):
-    return self._arith.xori(x, y)
-
-  def mul(self, x, k):
-    return self._arith.muli(x, self.const(k))
-
-  def prmt(self, a, b, sel):
-    return self._utils.inline_ptx("prmt.b32 $0, $1, $2, $3;", a, b, sel, result_types=self._i32)
-
-
-def _ptx():
-  """(ir, arith, memref, vector, mgpu utils, fragmented_array) for the inline_mgpu bodies."""
-  from jax._src.lib.mlir import ir  # noqa: PLC0415
-  from jax._src.lib.mlir.dialects import arith, memref, vector  # noqa: PLC0415
-  from jax.experimental.mosaic.gpu import fragmented_array as fa  # noqa: PLC0415
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # noqa: PLC0415
-
-  return ir, arith, memref, vector, mgpu_utils, fa
+# [span[0], span[1]) needs no masks (`DecodeTuning.edge_masks_only`).
+_PAR = ("offset", "qscale", "lo", "hi", "sqscale", "tables", "signs", "span")
+_MIN_EXPONENT = 9  # float32 exponent field of the smallest row max that `float16_rows` scales (2^-118)
 
 
 def _min_tokens_per_row(bits: int, d: int) -> int:
@@ -403,16 +185,16 @@ def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int
   h = 0, 1) expanded in one 128-coordinate half (packed column c + 4·half of the words ref
   [BK / f, f·b·W], f tokens per row: `_tokens_per_row`): pairs[h][k] (i32: two 16-bit values,
   low first) of kernel columns 128·half + 8k + 2c + e. At d = 64 half c // 2 of packed column
-  c % 2 (`_half_words`), 8 pairs."""
-  ir, arith, memref, *_ = _ptx()
+  c % 2 (`half_words`), 8 pairs."""
+  ir, arith, memref, *_ = ptx.modules()
   index = ir.IndexType.get()
   w = d // packing.WORD_BITS
   per_token = bits * w
   f = ir.MemRefType(words_ref.type).shape[1] // per_token
-  col, row0 = _thread_coords(ops)
+  col, row0 = ptx.thread_coords(ops)
   if half:
-    col = arith.addi(col, ops.const(_QUAD * half))
-  if w < _QUAD:
+    col = arith.addi(col, ops.const(QUAD * half))
+  if w < QUAD:
     h, col = arith.shrui(col, ops.const(1)), arith.andi(col, ops.const(1))
     shift = arith.shli(h, ops.const(4))
   if f > 1:  # the thread's tokens are all ≡ row0 (mod f) (f | 8 | 64·tile + 8h): one column offset
@@ -422,8 +204,8 @@ def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int
     token = arith.addi(row0, ops.const(64 * tile + 8 * th))
     row = arith.index_cast(index, arith.divui(token, ops.const(f)) if f > 1 else token)
     load = lambda offset: memref.load(words_ref, [row, arith.index_cast(index, arith.addi(col, offset))])
-    if w < _QUAD:
-      words = _half_words(lambda a, b: load(arith.addi(arith.muli(h, ops.const(a * w)), ops.const(b * w))),
+    if w < QUAD:
+      words = half_words(lambda a, b: load(arith.addi(arith.muli(h, ops.const(a * w)), ops.const(b * w))),
                           bits, shift, ops)
       out.append(expand(words, bits, tables, ops, 16))
     else:
@@ -431,66 +213,14 @@ def _token_pairs(words_ref, bits: int, tables, ops, tile: int, half: int, d: int
   return out
 
 
-def _mma(kind: str, a, b, c):
-  """One warp's `mma.sync` m16n8k16 (row.col, float32 accumulator) on `kind` (f16 or bf16)
-  operands: a 4 and b 2 i32 registers, c 4 float32 → d 4 float32 (fragments: PTX ISA,
-  "Matrix Fragments for mma.m16n8k16")."""
-  ir, *_, mgpu_utils, _ = _ptx()
-  f32 = ir.F32Type.get()
-  return mgpu_utils.inline_ptx(
-      f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
-      "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};",
-      *a, *b, *c, result_types=[f32] * 4, convergent=True)
-
-
-def _transpose8(x):
-  """movmatrix: the warp's 8×8 16-bit matrix (thread t: row t / 4, columns 2(t % 4) + 0, 1 as
-  one i32) → its transpose in the same form."""
-  ir, *_, mgpu_utils, _ = _ptx()
-  return mgpu_utils.inline_ptx("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", x,
-                               result_types=ir.IntegerType.get_signless(32), convergent=True)
-
-
-def _fragment(regs_of, shape):
-  """A float32 WGMMA-layout array of `shape` whose register [t, h] is regs_of(t, h) (two f32)."""
-  ir, _, _, vector, _, fa = _ptx()
-  f32 = ir.F32Type.get()
-  regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
-  for t in range(regs.shape[0]):
-    for h in range(2):
-      regs[t, 0, 0, 0, h, 0, 0, 0, 0] = vector.from_elements(ir.VectorType.get((2,), f32), list(regs_of(t, h)))
-  return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-
-
-def _elems(x, t, h):
-  """The two values of register [t, h] of a WGMMA-layout array."""
-  *_, vector, _, _ = _ptx()
-  reg = x.registers[t, 0, 0, 0, h, 0, 0, 0, 0]
-  return [vector.extract(reg, [], [e]) for e in range(2)]
-
-
-def _warp_vote(mode: str, pred):
-  """i1 → i1: whether pred holds in every (mode "all") or some ("any") lane of the warp (`vote.sync`)."""
-  ir, arith, *_, mgpu_utils, _ = _ptx()
-  i32 = ir.IntegerType.get_signless(32)
-  out = mgpu_utils.inline_ptx(
-      f"{{ .reg .pred p, q; setp.ne.b32 p, $1, 0; vote.sync.{mode}.pred q, p, 0xffffffff; selp.b32 $0, 1, 0, q; }}",
-      arith.extui(i32, pred), result_types=i32, convergent=True)
-  return arith.cmpi(arith.CmpIPredicate.ne, out, arith.constant(i32, 0))
-
-
-_warp_all = functools.partial(_warp_vote, "all")
-_warp_any = functools.partial(_warp_vote, "any")
-
-
-def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int):
+def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int, tuning: DecodeTuning):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32 (`_token_pairs`), qf ref
   [P, d/32, 32, 4] uint32, par ref [8, 8] int32) → [BK, 8] float32 (WGMMA layout): each of a
   warp's 16-token tiles of the block, expanded in float16 from the byte table at `table_at` (par
   row name, first word: `_load_table`), times qᵀ, the float16 B fragments qf[part]
   (`q_fragments`), by d/16 `mma.sync` (k = 16 columns each). The A fragment of k-step j of half u
   is the thread's pairs 2j and 2j + 1 of both its tokens of the tile in that half."""
-  bk = block_tokens(d)
+  bk = tuning.block_tokens(d)
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
@@ -498,8 +228,8 @@ def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int):
   )
   def dot(ctx, words_ref, qf_ref, par_ref):
     del ctx
-    ir, arith, _, vector, mgpu_utils, _ = _ptx()
-    ops = _MlirOps()
+    ir, arith, _, vector, mgpu_utils, _ = ptx.modules()
+    ops = ptx.MlirOps()
     index, i32 = ir.IndexType.get(), ir.IntegerType.get_signless(32)
     tab = _load_table(par_ref, *table_at)
     lane = arith.index_cast(index, arith.remui(mgpu_utils.thread_idx(), ops.const(32)))
@@ -508,25 +238,25 @@ def _key_dot(bits: int, table_at: tuple[str, int], part: int, d: int):
     qw = [vector.extract(qv[i // 4], [], [i % 4]) for i in range(d // 8)]  # word 2·(k-step) + e
     zero = arith.constant(ir.F32Type.get(), 0.0)
     tot = []
-    for tile in range(TILES[d]):
-      d_acc = [[zero] * 4 for _ in range(KEY_CHAINS)]  # independent accumulators: shorter dependent chains
+    for tile in range(tuning.tiles_for(d)):
+      d_acc = [[zero] * 4 for _ in range(tuning.key_chains)]  # independent accumulators: shorter dependent chains
       for u in range(_halves(d)):
         pairs = _token_pairs(words_ref, bits, tab, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # k-steps per half: 16 columns each
         for j in range(steps):
           a = [pairs[0][2 * j], pairs[1][2 * j], pairs[0][2 * j + 1], pairs[1][2 * j + 1]]
           step = steps * u + j
-          chain = step % KEY_CHAINS
-          d_acc[chain] = _mma("f16", a, [qw[2 * step], qw[2 * step + 1]], d_acc[chain])
+          chain = step % tuning.key_chains
+          d_acc[chain] = ptx.mma("f16", a, [qw[2 * step], qw[2 * step + 1]], d_acc[chain])
       tot.append([functools.reduce(arith.addf, [x[e] for x in d_acc]) for e in range(4)])
-    return _fragment(lambda t, h: tot[t][2 * h:2 * h + 2], (bk, MAX_ROWS))
+    return ptx.fragment(lambda t, h: tot[t][2 * h:2 * h + 2], (bk, MAX_ROWS))
 
   return dot
 
 
 def _load_table(par_ref, name: str, first: int):
   """The four words of a byte table (`table_words`) from par row `name`, words first .. first + 3."""
-  ir, arith, memref, *_ = _ptx()
+  ir, arith, memref, *_ = ptx.modules()
   at = lambda i: arith.constant(ir.IndexType.get(), i)
   return [memref.load(par_ref, [at(_PAR.index(name)), at(first + i)]) for i in range(4)]
 
@@ -538,7 +268,7 @@ def par_tables(k_bits: int, v_bits: int, d: int) -> np.ndarray:
   return np.stack([tables, np.pad(words(SIGN_TABLE), (0, 4))])
 
 
-def _value_dot(bits: int, table_at: tuple[str, int], d: int):
+def _value_dot(bits: int, table_at: tuple[str, int], d: int, tuning: DecodeTuning):
   """inline_mgpu function: (words ref [BK / f, f·b·W] uint32, pv [BK, 8] bfloat16, corr [BK, 8] f32,
   acc [4·d, 8] f32, par ref [8, 8] int32) → acc·corr + V̂ᵀ·pv per warp (all WGMMA layout). acc
   row 64i + 16w + r is warp w's accumulator of kernel column 16i + r: each warp sums its own
@@ -554,48 +284,48 @@ def _value_dot(bits: int, table_at: tuple[str, int], d: int):
   )
   def dot(ctx, words_ref, pv, corr, acc, par_ref):
     del ctx
-    ir, arith, *_, mgpu_utils, _ = _ptx()
+    ir, arith, *_, mgpu_utils, _ = ptx.modules()
     from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
-    ops = _MlirOps()
+    ops = ptx.MlirOps()
     i32 = ir.IntegerType.get_signless(32)
     tab = _load_table(par_ref, *table_at)
-    cr = _elems(corr, 0, 0)
-    old = [x for i in range(d // 16) for h in range(2) for x in _elems(acc, i, h)]  # [i][h][e]
+    cr = ptx.elems(corr, 0, 0)
+    old = [x for i in range(d // 16) for h in range(2) for x in ptx.elems(acc, i, h)]  # [i][h][e]
     # Rescaled only when the warp's max moved (corr ≠ 1 somewhere in the warp): rarely, after
     # the first blocks. d/4 multiplies per thread skipped; the branch is warp-uniform.
     one = arith.constant(ir.F32Type.get(), 1.0)
     unchanged = [arith.cmpf(arith.CmpFPredicate.OEQ, x, one) for x in cr]
-    branch = scf.IfOp(_warp_all(arith.andi(*unchanged)), [x.type for x in old], has_else=True)
+    branch = scf.IfOp(ptx.warp_all(arith.andi(*unchanged)), [x.type for x in old], has_else=True)
     with ir.InsertionPoint(branch.then_block):
       scf.yield_(old)
     with ir.InsertionPoint(branch.else_block):
       scf.yield_([arith.mulf(x, cr[j % 2]) for j, x in enumerate(old)])
     out = [list(branch.results)[4 * i:4 * i + 4] for i in range(d // 16)]
-    for tile in range(TILES[d]):
+    for tile in range(tuning.tiles_for(d)):
       for u in range(_halves(d)):
         pairs = _token_pairs(words_ref, bits, tab, ops, tile, u, d)
         steps = len(pairs[0]) // 2  # mma per half: 16 columns each
         # vt[h][k]: column 128u + 8k + t / 4, tokens 8h + 2(t % 4) of the tile
-        vt = [[_transpose8(x) for x in pairs[h]] for h in range(2)]
+        vt = [[ptx.transpose8(x) for x in pairs[h]] for h in range(2)]
         if u == 0:
-          b = [_transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
+          b = [ptx.transpose8(mgpu_utils.bitcast(pv.registers[tile, 0, 0, 0, h, 0, 0, 0, 0], i32)) for h in range(2)]
         a = [[vt[0][2 * i], vt[0][2 * i + 1], vt[1][2 * i], vt[1][2 * i + 1]] for i in range(steps)]
-        out[steps * u:steps * u + steps] = [_mma("bf16", a[i], b, out[steps * u + i]) for i in range(steps)]
-    return _fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * d, MAX_ROWS))
+        out[steps * u:steps * u + steps] = [ptx.mma("bf16", a[i], b, out[steps * u + i]) for i in range(steps)]
+    return ptx.fragment(lambda t, h: out[t][2 * h:2 * h + 2], (4 * d, MAX_ROWS))
 
   return dot
 
 
-def _running_max(s, m):
+def _running_max(s, m, max_slack: float | None):
   """The warp's new running max: s [BK, 8] float32 (the block's logits), m [BK, 8] (the running max,
   equal in a warp's rows; −inf before the first token), both WGMMA layout → [BK, 8]. m itself
-  while no logit of the warp exceeds it by more than `MAX_SLACK` (one vote; NaN counts as
+  while no logit of the warp exceeds it by more than max_slack (one vote; NaN counts as
   exceeding), else max(m, the warp's column max): the thread's maximum over its tiles, then three
   rounds of butterfly shuffles over the lanes of a column pair (NaN propagates). Not always the
-  exact max, which the online softmax does not need: exp(s − m) ≤ e^MAX_SLACK, and the merge of
+  exact max, which the online softmax does not need: exp(s − m) ≤ e^max_slack, and the merge of
   warps and splits weighs each partial by its own m. Most blocks skip the shuffles and the
-  accumulator's rescale (corr = 1). MAX_SLACK = None: the exact max every block."""
+  accumulator's rescale (corr = 1). max_slack = None: the exact max every block."""
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
@@ -603,35 +333,32 @@ def _running_max(s, m):
   )
   def running_max(ctx, s, m):
     del ctx
-    ir, arith, *_, mgpu_utils, _ = _ptx()
+    ir, arith, *_, mgpu_utils, _ = ptx.modules()
     from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
-    if MAX_SLACK is not None and not MAX_SLACK >= 0:
-      raise ValueError(f"MAX_SLACK={MAX_SLACK} must be None or ≥ 0")
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
-    regs = [_elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
+    regs = [ptx.elems(s, t, h) for t in range(s.shape[0] // 64) for h in range(2)]
     x = [functools.reduce(arith.maximumf, [r[e] for r in regs]) for e in range(2)]
-    old = _elems(m, 0, 0)
-    if MAX_SLACK is None:
+    old = ptx.elems(m, 0, 0)
+    if max_slack is None:
       need = arith.constant(ir.IntegerType.get_signless(1), 1)
     else:
-      slack = arith.constant(f32, float(MAX_SLACK))
+      slack = arith.constant(f32, float(max_slack))
       over = [arith.cmpf(arith.CmpFPredicate.UGT, x[e], arith.addf(old[e], slack)) for e in range(2)]
-      need = _warp_any(arith.ori(*over))
+      need = ptx.warp_any(arith.ori(*over))
     branch = scf.IfOp(need, [f32, f32], has_else=True)
     with ir.InsertionPoint(branch.then_block):
-      ops = _MlirOps()  # its constants stay in this region
+      ops = ptx.MlirOps()  # its constants stay in this region
       y = list(x)
       for lanes in (4, 8, 16):
         for e in range(2):
-          z = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", arith.bitcast(i32, y[e]),
-                                    ops.const(lanes), result_types=i32, convergent=True)
+          z = ptx.butterfly(arith.bitcast(i32, y[e]), lanes, ops)
           y[e] = arith.maximumf(y[e], arith.bitcast(f32, z))
       scf.yield_([arith.maximumf(old[e], y[e]) for e in range(2)])
     with ir.InsertionPoint(branch.else_block):
       scf.yield_(old)
     new = list(branch.results)
-    return _fragment(lambda t, h: new, s.shape)
+    return ptx.fragment(lambda t, h: new, s.shape)
 
   return running_max(s, m)
 
@@ -647,18 +374,18 @@ def _warp_sum(d: int):
   )
   def warp_sum(ctx, acc, w, scratch):
     del ctx
-    ir, arith, _, vector, mgpu_utils, _ = _ptx()
-    ops = _MlirOps()
+    ir, arith, _, vector, mgpu_utils, _ = ptx.modules()
+    ops = ptx.MlirOps()
     index, f32 = ir.IndexType.get(), ir.F32Type.get()
-    c, row0 = _thread_coords(ops)
+    c, row0 = ptx.thread_coords(ops)
     warp = arith.divui(row0, ops.const(16))
     g = arith.remui(row0, ops.const(16))
     ix = lambda v: arith.index_cast(index, v)
     col = ix(arith.muli(c, ops.const(2)))
-    wr = _elems(w, 0, 0)
+    wr = ptx.elems(w, 0, 0)
     for i in range(d // 16):
       for h in range(2):
-        vals = [arith.mulf(x, wr[e]) for e, x in enumerate(_elems(acc, i, h))]
+        vals = [arith.mulf(x, wr[e]) for e, x in enumerate(ptx.elems(acc, i, h))]
         vec = vector.from_elements(ir.VectorType.get((2,), f32), vals)
         vector.store(vec, scratch, [ix(warp), ix(arith.addi(g, ops.const(16 * i + 8 * h))), col])
     mgpu_utils.warpgroup_barrier()
@@ -670,7 +397,7 @@ def _warp_sum(d: int):
         tot = functools.reduce(arith.addf, vals)
         out[t, h] = [vector.extract(tot, [], [e]) for e in range(2)]
     mgpu_utils.warpgroup_barrier()  # every thread is done with the scratch before it is reused
-    return _fragment(lambda t, h: out[t, h], (d, MAX_ROWS))
+    return ptx.fragment(lambda t, h: out[t, h], (d, MAX_ROWS))
 
   return warp_sum
 
@@ -679,52 +406,54 @@ def _prepare_query(parts):
   """inline_mgpu function: (q refs [R, D] float32 (one per part), qf ref [P, D/32, 32, 4] uint32,
   par ref [8, 8] int32, all SMEM) → None. parts: (bits, coef) per part, P of them (the query; for
   prod keys also S·q with coef 1/(κ·m)). Warp p turns part p·coef (natural coordinate order, rows ≥
-  R zero) into float16 rows at a power-of-two scale per row (`_float16_rows`, its reference) in
+  R zero) into float16 rows at a power-of-two scale per row (`float16_rows`, its reference) in
   kernel order (`kernel_perm(bits, D)`) and stores them as the B fragments that `q_fragments` lays
   out, qf[p]; the scales go to par row `_PAR.index("qscale")` (part 0) or "sqscale" (part 1). Lane
-  4g + c gathers the coordinates `kernel_perm` gives its fragment words (W·slot + 4u + c, halves u,
-  W = D/32; at D = 64 W·(16·(c // 2) + slot) + c % 2) of row g; the row max is a maximum over the 4
-  lanes of a row. Ends with a warpgroup barrier."""
+  4g + c gathers the coordinates `kernel_perm` gives its fragment words (kernel columns
+  128u + 8k + 2c + e) of row g; the row max is a maximum over the 4 lanes of a row. Ends with a
+  warpgroup barrier."""
 
   @plgpu.inline_mgpu(arg_types=(tuple(plgpu.RefType() for _ in parts), plgpu.RefType(), plgpu.RefType()))
   def prepare(ctx, q_refs, qf_ref, par_ref):
     del ctx
-    ir, arith, memref, vector, mgpu_utils, _ = _ptx()
+    ir, arith, memref, vector, mgpu_utils, _ = ptx.modules()
     from jax._src.lib.mlir.dialects import scf  # noqa: PLC0415
 
-    ops = _MlirOps()
+    ops = ptx.MlirOps()
     index, i32, f32 = ir.IndexType.get(), ir.IntegerType.get_signless(32), ir.F32Type.get()
     ix = lambda v: arith.index_cast(index, v)
     tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
     warp, lane = arith.divui(tid, ops.const(32)), arith.remui(tid, ops.const(32))
-    g, c = arith.divui(lane, ops.const(4)), arith.remui(lane, ops.const(_QUAD))
+    g, c = arith.divui(lane, ops.const(4)), arith.remui(lane, ops.const(QUAD))
     mine = [arith.cmpi(arith.CmpIPredicate.eq, warp, ops.const(p)) for p in range(len(parts))]
     for p, ((bits, coef), q_ref) in enumerate(zip(parts, q_refs)):
       branch = scf.IfOp(mine[p])
       with ir.InsertionPoint(branch.then_block):
-        ops = _MlirOps()  # constants made in this region stay in it (the scale's store index is
+        ops = ptx.MlirOps()  # constants made in this region stay in it (the scale's store index is
         # made in the nested block below and used only there)
         rows, d = ir.MemRefType(q_ref.type).shape
         w = d // packing.WORD_BITS
         real = arith.cmpi(arith.CmpIPredicate.ult, g, ops.const(rows))
         row = ix(arith.minui(g, ops.const(rows - 1)))
-        base, slots = c, kernel_slots(bits)
-        if w < _QUAD:  # d = 64: slots 16·(c // 2) + kernel_slots(bits, 16) of column c % 2
+        # The thread's coordinates are `kernel_perm` at its columns 128u + 8k + 2c + e: those of
+        # thread 0 (columns 128u + 8k + e) plus the thread's base, c (d = 64: 16W·(c // 2) + c % 2).
+        base = c
+        if w < QUAD:
           base = arith.addi(arith.andi(c, ops.const(1)), arith.muli(arith.shrui(c, ops.const(1)), ops.const(16 * w)))
-          slots = kernel_slots(bits, 16)
+        perm = kernel_perm(bits, d)
         x = []
         for u in range(_halves(d)):
-          for slot in slots:
-            v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(w * int(slot) + _QUAD * u)))])
-            if coef != 1.0:
-              v = arith.mulf(v, arith.constant(f32, coef))
-            x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
+          for k in range(min(d, 128) // 8):
+            for e in range(2):
+              v = memref.load(q_ref, [row, ix(arith.addi(base, ops.const(int(perm[128 * u + 8 * k + e]))))])
+              if coef != 1.0:
+                v = arith.mulf(v, arith.constant(f32, coef))
+              x.append(arith.select(real, arith.bitcast(i32, v), ops.const(0)))
         # max |x| on the bit patterns: with the sign bit cleared integer order is float order,
         # and NaN sorts above +inf, so a row holding NaN or ±inf gets exponent field 255.
         amax = functools.reduce(arith.maxui, [ops.band(e, ops.const(0x7FFFFFFF)) for e in x])
         for lanes in (1, 2):
-          y = mgpu_utils.inline_ptx("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", amax, ops.const(lanes),
-                                    result_types=i32, convergent=True)
+          y = ptx.butterfly(amax, lanes, ops)
           amax = arith.maxui(amax, y)
         expo = ops.shr(amax, 23)  # max |x| ∈ [2^(E−127), 2^(E−126)): scale 2^(E−135), |x / scale| < 512
         ok = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, expo, ops.const(_MIN_EXPONENT)),
@@ -748,21 +477,11 @@ def _prepare_query(parts):
   return prepare
 
 
-def _thread_coords(ops):
-  """(column quad c = lane % 4, first row 16·warp + lane / 4) of this thread in a WGMMA-layout
-  tile (per warp: the rows and columns of an mma.sync m16n8 fragment)."""
-  _, arith, *_, mgpu_utils, _ = _ptx()
-  tid = arith.remui(mgpu_utils.thread_idx(), ops.const(128))
-  lane = arith.remui(tid, ops.const(32))
-  row0 = arith.addi(arith.muli(arith.divui(tid, ops.const(32)), ops.const(16)), arith.divui(lane, ops.const(4)))
-  return arith.remui(lane, ops.const(_QUAD)), row0
-
-
 # ----------------------------------------------------------------------------- the kernel
 
 
 def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
-                 num_splits, stages):
+                 num_splits, tuning):
   """q [N, R, D] float32: the query rows (natural order; R ≤ 8), par [N, 8, 8] int32 (`_PAR`):
   per row offset (float32 bits), lo, hi; the byte tables (`par_tables`); the rest zero (the kernel
   writes the scales: `_prepare_query`); kc [N, S, k_bits·W] u32, kn [N, S'], vc [N, S, v_bits·W]
@@ -770,17 +489,18 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
   and projections sq [N, R, D] float32 (S·q, × qjl_coef in the kernel) (N = B·K, S ≥ BK and a
   multiple of the code arrays' `_min_tokens_per_row`, S' ≥ S: padded norms)
   → acc [N, D, 8] f32 (value kernel order), ml [N, 4, 8] f32 (m, l, and two unused rows: a TMA
-  copy moves a multiple of 128 bytes), the splits merged."""
+  copy moves a multiple of 128 bytes), the splits merged (num_splits of them at most)."""
   n, seq = kc.shape[:2]
   d = q.shape[2]
-  bk = block_tokens(d)
+  bk = tuning.block_tokens(d)
+  stages = tuning.stages
   nblocks = pl.cdiv(seq, bk)
   per_split = pl.cdiv(nblocks, num_splits)
   splits = pl.cdiv(nblocks, per_split)
   prod = ks is not None
-  key_dot = _key_dot(k_bits, ("tables", 0), 0, d)
-  sign_dot = _key_dot(1, ("signs", 0), 1, d)
-  value_dot = _value_dot(v_bits, ("tables", 4), d)
+  key_dot = _key_dot(k_bits, ("tables", 0), 0, d, tuning)
+  sign_dot = _key_dot(1, ("signs", 0), 1, d, tuning)
+  value_dot = _value_dot(v_bits, ("tables", 4), d, tuning)
   streams = 6 if prod else 4  # per stage: kc, kn, vc, vn (, ks, kr), all on one barrier
   parts = ((k_bits, 1.0),) + (((1, qjl_coef),) if prod else ())
   as_rows = lambda x, b: x.reshape(n, seq // _tokens_per_row(b, d, seq), -1)  # free
@@ -846,7 +566,7 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
       s = logits(slot) * row(norm(kn_smem, slot)) + col(offset)
       if soft_cap is not None:
         s = jnp.float32(soft_cap) * jnp.tanh(s * jnp.float32(1.0 / soft_cap))
-      inside = (start >= span_lo) & (start + bk <= span_hi) if EDGE_MASKS_ONLY else jnp.bool_(False)
+      inside = (start >= span_lo) & (start + bk <= span_hi) if tuning.edge_masks_only else jnp.bool_(False)
 
       def masked(x, fill):
         """x with fill in the slots outside their row's [lo, hi) (hi ≤ S: the zeros past the end
@@ -855,10 +575,10 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
           slots = iota + start
           return jnp.where((slots >= col(lo)) & (slots < col(hi)), x, fill)
 
-        return lax.cond(inside, lambda x: x, mask, x) if EDGE_MASKS_ONLY else mask(x)
+        return lax.cond(inside, lambda x: x, mask, x) if tuning.edge_masks_only else mask(x)
 
       s = masked(s, -jnp.inf)
-      m_new = _running_max(s, m)
+      m_new = _running_max(s, m, tuning.max_slack)
       m_safe = _zero_if_empty(m_new)
       p = jnp.exp(s - m_safe)
       corr = jnp.exp(jnp.where(m == -jnp.inf, m_safe, m) - m_safe)
@@ -939,10 +659,11 @@ def _decode_call(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v
           acc, l = acc + acc_s * cols(w_s), l + l_s * w_s
         return acc, m_new, l
 
-      # MERGE_UNROLL partials per step: one memory latency per step, not per partial.
-      carry = lax.fori_loop(0, last // MERGE_UNROLL, lambda c, x: add(x, c * MERGE_UNROLL, MERGE_UNROLL), (acc, m, l))
-      if last % MERGE_UNROLL:
-        carry = add(carry, last - last % MERGE_UNROLL, last % MERGE_UNROLL)
+      # `merge_unroll` partials per step: one memory latency per step, not per partial.
+      unroll = tuning.merge_unroll
+      carry = lax.fori_loop(0, last // unroll, lambda c, x: add(x, c * unroll, unroll), (acc, m, l))
+      if last % unroll:
+        carry = add(carry, last - last % unroll, last % unroll)
       store(*carry)
 
   stage_types = [plgpu.SMEM((stages, r, x.shape[2]), x.dtype) if x.ndim == 3 else plgpu.SMEM((stages, r), x.dtype)
@@ -1004,23 +725,25 @@ def default_num_splits(heads: int, seq: int, bk: int, ctas: int = 132 * 8) -> in
   return max(1, min(want, nblocks // 4 if nblocks >= 4 else 1))
 
 
-@functools.partial(jax.jit, static_argnames=("soft_cap", "num_splits", "stages"))
+@functools.partial(jax.jit, static_argnames=("soft_cap", "tuning"))
 def decode_partial(
     cache,  # tqjax.cache.KVCache that `supported` accepts
-    pq,  # tqjax.partials.PreparedQuery: q [B, K, G, T, D], offset [B, K, G, T]
+    pq,  # tqjax.partials.PreparedQuery: q [B, K, G, T, D], sq [B, K, G, T, D] (prod keys), offset [B, K, G, T]
     lo,  # [B, T] int32: first attended slot per query token
     hi,  # [B, T] int32: one past the last attended slot
     soft_cap: float | None = None,
     *,
-    num_splits: int | None = None,
-    stages: int | None = None,
+    tuning: DecodeTuning = DecodeTuning(),
 ):
-  """The kernel under the contract of `tqjax.partials.compressed_partial_reference`.
+  """The kernel under the contract of `decode_partial_reference`.
 
   Returns (accs, m, l): accs = (acc [B, K, G, T, D],) unnormalized in the value rotated space,
   m, l [B, K, G, T]; an empty range gives m = −inf, l = 0, acc = 0. m is a running max that may
-  lag the largest logit by up to `MAX_SLACK` (`_running_max`); acc and l are relative to it.
+  lag the largest logit by up to `tuning.max_slack` (`_running_max`); acc and l are relative to it.
+  Raises ValueError for a cache `supported` refuses or more than `MAX_ROWS` query rows per kv head.
   """
+  if not isinstance(tuning, DecodeTuning):
+    raise ValueError(f"tuning={tuning!r} must be a DecodeTuning")
   ok, why = supported(cache)
   if not ok:
     raise ValueError(f"the Mosaic GPU decode kernel does not support this cache: {why}")
@@ -1028,9 +751,6 @@ def decode_partial(
   rows = g * t
   if rows > MAX_ROWS:
     raise ValueError(f"G·T = {g}·{t} = {rows} query rows per kv head exceed {MAX_ROWS=}")
-  stages = STAGES if stages is None else stages
-  if stages < 1:
-    raise ValueError(f"{stages=} must be ≥ 1")
   kq = cache.k.quantizer
   k_bits, v_bits = kq.config.mse_bits, cache.v.quantizer.config.mse_bits
   kc, kn = cache.k.main.codes, cache.k.main.norms
@@ -1038,7 +758,7 @@ def decode_partial(
   ks, kr = cache.k.main.qjl_signs, cache.k.main.residual_norms  # prod keys, else None
   prod = kq.qjl is not None
   seq = cache.capacity
-  bk = block_tokens(d)
+  bk = tuning.block_tokens(d)
   # Tiny caches are padded to one block, and a capacity to a multiple of the tokens per TMA row of
   # the code arrays (two for 1- and 3-bit rows at D = 64: `_min_tokens_per_row`); padding slots are
   # never attended. Both copy the cache on every call.
@@ -1052,8 +772,7 @@ def decode_partial(
   flat = lambda x: x.reshape(n, seq, *x.shape[3:])
   # TMA needs 16-byte row strides: norms of a capacity that is not a multiple of 8 are padded.
   norms = lambda x: jnp.pad(flat(x), [(0, 0), (0, -seq % 8)])
-  if num_splits is None:
-    num_splits = default_num_splits(n, seq, bk)
+  num_splits = tuning.num_splits or default_num_splits(n, seq, bk)
 
   def rows_of(x, fill=0):  # [B, K, G, T, ...] → [N, 8, ...]: rows padded to 8
     x = x.reshape(n, rows, *x.shape[4:])
@@ -1074,7 +793,7 @@ def decode_partial(
   coef = 1.0 / (kq.qjl.kappa * kq.qjl.sketch_dim) if prod else None  # the QJL term: ‖r‖·(S·q)·signs / (κ·m)
   acc, ml = _decode_call(flat_q(pq.q[0]), par, flat(kc), norms(kn), flat(vc), norms(vn), *qjl, k_bits=k_bits,
                          v_bits=v_bits, qjl_coef=coef, soft_cap=None if soft_cap is None else float(soft_cap),
-                         num_splits=num_splits, stages=stages)
+                         num_splits=num_splits, tuning=tuning)
   m, l = ml[:, 0, :rows], ml[:, 1, :rows]  # [N, R]
   acc = jnp.swapaxes(acc[..., :rows], -1, -2)[..., np.argsort(kernel_perm(v_bits, d))]  # [N, R, D] natural order
   return (acc.reshape(b, kh, g, t, d),), m.reshape(b, kh, g, t), l.reshape(b, kh, g, t)
@@ -1097,13 +816,21 @@ def _zero_if_empty(m):
   return jnp.where(m == -jnp.inf, 0.0, m)
 
 
-def _float16_rows(q):
+def float16_rows(q):
   """q [..., D] float32 → (q / scale as float16, scale [...] float32): per row a power of two that
-  puts max |q| in [256, 512), so float16 keeps q's relative precision (2^-11) at any magnitude;
-  scale 1 for a row whose max |q| is below 2^-118 (zero included; it rounds to zero in float16)
-  and for a row holding NaN or ±inf, which stay NaN / ±inf. The reference of `_prepare_query`."""
+  puts max |q| in [256, 512) (`numerics.float16_row_scales`), so float16 keeps q's relative
+  precision (2^-11) at any magnitude; scale 1 for a row whose max |q| is below 2^-118 (zero
+  included; it rounds to zero in float16) and for a row holding NaN or ±inf, which stay NaN / ±inf.
+  The reference of `_prepare_query`."""
   amax = jnp.max(jnp.abs(q), axis=-1)
-  ok = jnp.isfinite(amax) & (amax >= jnp.float32(2.0 ** (_MIN_EXPONENT - 127)))
-  _, e = jnp.frexp(jnp.where(ok, amax, 256.0))  # amax = f·2^e, f ∈ [0.5, 1)
-  scale = jnp.ldexp(jnp.ones_like(amax), e - 9)
-  return (q / scale[..., None]).astype(jnp.float16), scale
+  smallest = jnp.float32(2.0 ** (_MIN_EXPONENT - 127))
+  ok = jnp.isfinite(amax) & (amax >= smallest)
+  up, down = float16_row_scales(amax, smallest)
+  up, scale = jnp.where(ok, up, 1.0), jnp.where(ok, down, 1.0)
+  return (q * up[..., None]).astype(jnp.float16), scale
+
+
+def decode_partial_reference(cache, pq, lo, hi, soft_cap=None):
+  """Plain-jnp reference of `decode_partial` (same arguments and results, the exact running max):
+  the tqjax oracle itself (float32, HIGHEST dots)."""
+  return compressed_partial_reference(cache, pq, lo, hi, soft_cap)

@@ -51,8 +51,8 @@ How one block is encoded without reshapes, gathers or value slices (Triton's rul
   direction's codes (the XLA path quantizes the unscaled x − mean); both decode to zeros.
 * N not a multiple of BT: masked loads (other=0) and masked stores.
 
-Speed (experiments/results/bench_encode_*, kernel_notes.md): a prefill's K3/V3 encode + cache
-write takes 3.3x a bf16 read + write of K and V on an H200 (2026-11-28; 3.4x before this form).
+Speed (experiments/bench_encode.py): a prefill's K3/V3 encode + cache write takes 3.3x a bf16
+read + write of K and V on an H200 (2026-11-28; 3.4x with the column loop unrolled).
 On Hopper, `encode_mgpu` (Mosaic GPU) replaces this kernel where it applies (`dispatch`).
 The kernel is latency-bound, not issue-bound: Nsight Compute on an H100 (3-bit centred keys)
 showed 0.48 instructions issued per cycle per scheduler at 16 warps per SM (114 registers), its
@@ -76,10 +76,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import bf16
+from pallas_kernels.column_order import to_column_major
 from tqjax import packing
 from tqjax.codebook import lloyd_max  # static float64 codebooks (the pytree's arrays are traced under jit)
 from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
+
+__all__ = ["DIMS", "INPUT_DTYPES", "LANES", "MAX_BITS", "MAX_SKETCH", "PRECISIONS", "TILE", "codebook_tables",
+           "default_block_t", "encode", "encode_reference", "group_tokens", "nudged_magnitude",
+           "rotation_operands", "sketch_operands", "supported", "tq_encode_kernel"]
 
 LANES = packing.WORD_BITS  # 32 slots per packed word
 TILE = 16  # slots per quantize/pack tile: half a packed column (wgmma N = 16); prod: a whole column
@@ -93,7 +98,7 @@ INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # ----------------------------------------------------------------------------- static tables
 
 
-def _tables(bits: int, dim: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+def codebook_tables(bits: int, dim: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
   """Float32 (positive boundaries b_h..b_{n−2}, c_{h+m}, c_{h+m}² for m = 0..h−1) of the codebook.
 
   Checks the symmetry the kernel relies on: boundary h − 1 is exactly 0 and b_k = −b_{n−2−k},
@@ -112,14 +117,8 @@ def _tables(bits: int, dim: int) -> tuple[tuple[float, ...], tuple[float, ...], 
   return bounds, levels, squares
 
 
-def _to_kernel_order(m: jax.Array) -> jax.Array:
-  """Columns of m [..., n] from natural order (i = s·W + w) to kernel order (j = w·32 + s), W = n/32."""
-  n = m.shape[-1]
-  return jnp.swapaxes(m.reshape(*m.shape[:-1], LANES, n // LANES), -1, -2).reshape(m.shape)
-
-
 def _rotation_kernel_order(tq: Quantizer) -> jax.Array:
-  return _to_kernel_order(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ it, kernel order
+  return to_column_major(dense_matrix(tq.rotation).T.astype(jnp.float32))  # y = x @ it, kernel order
 
 
 def group_tokens(x: jax.Array, mean: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
@@ -147,8 +146,8 @@ def rotation_operands(tq: Quantizer, precision: str) -> tuple[jax.Array, ...]:
 
 def sketch_operands(tq: Quantizer, precision: str) -> tuple[jax.Array, ...]:
   """Sᵀ [d, m] in kernel order on both axes (z = r @ it, r and z in kernel order), split like P."""
-  st = _to_kernel_order(tq.qjl.matrix.T.astype(jnp.float32))  # columns: sketch rows
-  return _split(_to_kernel_order(st.T).T, precision)  # rows: residual coordinates
+  st = to_column_major(tq.qjl.matrix.T.astype(jnp.float32))  # columns: sketch rows
+  return _split(to_column_major(st.T).T, precision)  # rows: residual coordinates
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -245,6 +244,9 @@ def tq_encode_kernel(
     num_tokens: int,
     precision: str,
 ):
+  """One program of the encode: its `blocks_per_program` blocks of `block_t` tokens → packed
+  codes, norms (and, prod, QJL signs and residual norms), as `tqjax.cache.encode_tokens`
+  computes them (`encode_reference`)."""
   d = x_ref.shape[-1]
   width = d // LANES
   qjl = signs_ref is not None
@@ -445,7 +447,7 @@ def encode(
   rows = block_t * blocks_per_program
   p_ops = rotation_operands(tq, precision)
   s_ops = sketch_operands(tq, precision) if prod else ()
-  bounds, levels, squares = _tables(bits, d) if bits else ((), (), ())
+  bounds, levels, squares = codebook_tables(bits, d) if bits else ((), (), ())
 
   kernel = functools.partial(
       tq_encode_kernel,

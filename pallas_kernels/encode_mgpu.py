@@ -5,7 +5,7 @@ for mse quantizers, bfloat16 inputs, d ∈ {64, 128} and token counts per group 
 of 64; `encode_gpu` (Triton) does everything else. On an H200 (2026-11-28, K, V bf16
 [8, 8, 32768, 128], 10 calls back to back) one tensor's encode took 530-600 µs, and a prefill
 K3/V3 1271-1293 µs = 1.83-1.91x a bf16 read + write of K and V (K4/V4: 2.14-2.21x;
-experiments/results/bench_encode_NVIDIA_H200_2026-11-28_pipelined10.md, kernel_notes.md).
+experiments/bench_encode.py).
 It is faster than the Triton encode because the structure Triton cannot express is explicit here:
 
 * Persistent CTAs: each holds Π (float16) and the packing matrices in shared memory for its
@@ -13,7 +13,7 @@ It is faster than the Triton encode because the structure Triton cannot express 
   blocks through a TMA pipeline (`stages` blocks in flight).
 * x (− the group mean) is loaded from shared memory into registers in the wgmma layout; its norm
   and finiteness come from there, in float32. Each row is scaled by a power of two
-  (`_float16_row_scales`) into float16 and y = x·Πᵀ is one float16 wgmma with x from registers
+  (`numerics.float16_row_scales`) into float16 and y = x·Πᵀ is one float16 wgmma with x from registers
   [64, d] (natural coordinate order), scaled back with the inverse norm. Π's float16 rounding
   (2^-11 relative, as tf32) moves y by ~2e-4/√d rms for a unit x: a coordinate that close to a
   codebook boundary may take the neighbouring level, as with the XLA path's own tf32-class dot.
@@ -44,10 +44,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.encode_gpu import _tables, group_tokens, nudged_magnitude
+from pallas_kernels.encode_gpu import codebook_tables, group_tokens, nudged_magnitude
+from pallas_kernels.encode_gpu import encode_reference as encode_gpu_reference  # the same contract
+from pallas_kernels.numerics import float16_row_scales
 from tqjax import packing
 from tqjax.quantizer import Code, Quantizer, _check_vectors
 from tqjax.rotation import dense_matrix
+
+__all__ = ["BT", "DIMS", "MAX_BITS", "encode", "encode_reference", "pack_matrices", "quantize_fields",
+           "supported"]
 
 BT = 64  # tokens per block: one warpgroup's wgmma M
 DIMS = (64, 128)  # d = 256 needs 256 KB for Π's two parts: more than an SM's shared memory
@@ -116,16 +121,6 @@ def _sm_count() -> int:
   return device.num_cores if device is not None and device.num_cores else jax.devices()[0].core_count
 
 
-def _float16_row_scales(amax):
-  """amax [...] float32 (a row's max |x|) → (up, down) [...] float32, powers of two with up·down = 1:
-  max |x·up| ∈ [256, 512), so x·up keeps 11 significant bits in float16 down to 2^-14 (bf16 x
-  exactly). amax below 2^-100 counts as 2^-100 (a zero row gets finite scales); Inf or NaN give
-  meaningless ones: such rows are not kept."""
-  e = lax.bitcast_convert_type(jnp.maximum(amax, jnp.float32(2.0**-100)), jnp.uint32) & jnp.uint32(0x7F800000)
-  up = lax.bitcast_convert_type(jnp.uint32((127 + 127 + 8) << 23) - e, jnp.float32)  # 2^(8 − E), amax = 2^E·f
-  return up, lax.bitcast_convert_type(e - jnp.uint32(8 << 23), jnp.float32)
-
-
 def _swizzled(minor_elems: int):
   """SMEM transforms for a 16-bit wgmma operand: the widest swizzle its rows allow."""
   swizzle = plgpu.find_swizzle(minor_elems * 16)
@@ -165,7 +160,7 @@ def encode(
   nblocks = groups * tokens // BT
   ctas = ctas or _sm_count()
   workers = ctas * wgs
-  bounds, _, squares = _tables(bits, d)
+  bounds, _, squares = codebook_tables(bits, d)
   p16 = dense_matrix(tq.rotation).T.astype(jnp.float16)  # y = x @ Πᵀ: entries ≤ 1, 2^-11 relative
   mats = jnp.asarray(pack_matrices(bits, d), jnp.bfloat16)  # powers of two: exact
   nparts, n_out = mats.shape[0], mats.shape[-1]
@@ -212,7 +207,7 @@ def encode(
       finite = (amax < jnp.inf) & (norm2 == norm2)
       norm = jnp.sqrt(norm2)
       keep = finite & (norm > 0) if centred else finite
-      up, down = _float16_row_scales(amax)
+      up, down = float16_row_scales(amax)
       row = lambda v: lax.broadcast_in_dim(v, (BT, d), [0])
 
       def rotate(acc_ref):
@@ -273,3 +268,9 @@ def encode(
   )
   codes, norms = run(xg.reshape(n, d), p16, mats, mean)
   return Code(codes[:, :nw].reshape(*lead, nw), norms.astype(cfg.norm_dtype).reshape(lead), config=cfg)
+
+
+def encode_reference(tq: Quantizer, x: jax.Array, mean: jax.Array | None = None) -> Code:
+  """Plain-jnp reference of `encode` (x [..., T, d], mean [..., d] or None → Code): the XLA encode
+  of x − mean, as `encode_gpu.encode_reference`."""
+  return encode_gpu_reference(tq, x, mean)

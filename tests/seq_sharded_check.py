@@ -28,13 +28,11 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels import dispatch  # noqa: E402
 from tqjax import cache as C  # noqa: E402

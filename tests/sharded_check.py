@@ -12,8 +12,6 @@ non-zero (an AssertionError) on the first difference; prints one line per check.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tqjax  # noqa: E402
 from flax import nnx  # noqa: E402

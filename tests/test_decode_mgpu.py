@@ -1,4 +1,5 @@
-"""The Mosaic GPU decode kernel (pallas_kernels/decode_mgpu.py) against the float32 oracle.
+"""The Mosaic GPU decode kernel (pallas_kernels/decode_mgpu.py, its dequantizer
+pallas_kernels/dequant.py) against the float32 oracle.
 
 Tiers: `math` (on CPU: its byte-permute dequantizer on NumPy uint32 words, exact; its XLA-side
 wrapper with the kernel body replaced by a plain-jnp model of it, `_kernel_model`, on the GPU
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +30,7 @@ from jax.sharding import use_abstract_mesh
 from pallas_kernels import decode_attention_gpu, dispatch
 from kernel_paths import pallas_attention
 from pallas_kernels import decode_mgpu as M
+from pallas_kernels import dequant as D
 from test_encode_kernel import H100
 from tqjax import cache as C
 from tqjax import ops as tq_ops
@@ -38,6 +41,7 @@ from tqjax.codebook import lloyd_max
 pytestmark = pytest.mark.math
 
 IS_HOPPER = dispatch._is_hopper()
+DEFAULT = M.DecodeTuning()
 
 
 def _pairs_to_float(pairs, dtype):
@@ -58,15 +62,15 @@ def _expand_rows(words, bits, tables, dtype):
   if w < 4:
     for c in range(4):
       h, col = c // 2, c % 2
-      half = M._half_words(lambda a, b: words[:, (a * h + b) * w + col], bits, 16 * h, M.NumpyOps)
-      vals = _pairs_to_float(M.expand(half, bits, tables, M.NumpyOps, 16), dtype)
+      half = D.half_words(lambda a, b: words[:, (a * h + b) * w + col], bits, 16 * h, D.NumpyOps)
+      vals = _pairs_to_float(D.expand(half, bits, tables, D.NumpyOps, 16), dtype)
       for k in range(8):
         for e in range(2):
           got[:, 8 * k + 2 * c + e] = vals[:, 2 * k + e]
     return got
   for col in range(w):
     u, c = divmod(col, 4)
-    vals = _pairs_to_float(M.expand([words[:, r * w + col] for r in range(bits)], bits, tables, M.NumpyOps), dtype)
+    vals = _pairs_to_float(D.expand([words[:, r * w + col] for r in range(bits)], bits, tables, D.NumpyOps), dtype)
     for k in range(16):
       for e in range(2):
         got[:, 128 * u + 8 * k + 2 * c + e] = vals[:, 2 * k + e]
@@ -75,8 +79,8 @@ def _expand_rows(words, bits, tables, dtype):
 
 @pytest.mark.math
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("bits", M.BITS)
-@pytest.mark.parametrize("d", M.HEAD_DIMS)
+@pytest.mark.parametrize("bits", D.BITS)
+@pytest.mark.parametrize("d", D.HEAD_DIMS)
 def test_expand_is_the_codebook_of_unpack(d, bits, dtype):
   """Every code of every slot and column, through the kernel's byte permutes, equals the 16-bit
   centroid of `packing.unpack`'s code at the coordinate `kernel_perm` names."""
@@ -84,16 +88,16 @@ def test_expand_is_the_codebook_of_unpack(d, bits, dtype):
   codes = rng.integers(0, 2**bits, size=(300, d))
   codes[:16] = np.arange(16)[:, None] % 2**bits  # every code in every coordinate
   words = np.asarray(packing.pack(jnp.asarray(codes), bits))
-  tables = M.byte_tables(bits, dtype, d)
+  tables = D.byte_tables(bits, dtype, d)
   cb = np.asarray(lloyd_max(bits, d)[0], np.float32).astype(dtype).astype(np.float32)
-  perm = M.kernel_perm(bits, d)
+  perm = D.kernel_perm(bits, d)
   got = _expand_rows(words, bits, tables, dtype)
   np.testing.assert_array_equal(got, cb[codes[:, perm]])
   assert sorted(perm) == list(range(d))
 
 
 @pytest.mark.math
-@pytest.mark.parametrize("d", M.HEAD_DIMS)
+@pytest.mark.parametrize("d", D.HEAD_DIMS)
 def test_expand_of_qjl_signs_is_plus_minus_one(d):
   """The QJL sign words through `expand` with `SIGN_TABLE` are `qjl.signs` (±1, exact in float16)
   at the coordinates `kernel_perm(1, d)` names."""
@@ -102,14 +106,14 @@ def test_expand_of_qjl_signs_is_plus_minus_one(d):
   sk = Q.make_qjl(d)
   r = np.random.default_rng(1).standard_normal((200, d))
   words = np.asarray(Q.qjl_encode(sk, jnp.asarray(r, jnp.float32))[0])
-  want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, M.kernel_perm(1, d)]
-  got = _expand_rows(words, 1, M.SIGN_TABLE, np.float16)
+  want = np.asarray(Q.signs(sk, jnp.asarray(words)))[:, D.kernel_perm(1, d)]
+  got = _expand_rows(words, 1, D.SIGN_TABLE, np.float16)
   np.testing.assert_array_equal(got, want)
   assert set(np.unique(got)) == {-1.0, 1.0}
 
 
 @pytest.mark.math
-@pytest.mark.parametrize("d", M.HEAD_DIMS)
+@pytest.mark.parametrize("d", D.HEAD_DIMS)
 def test_q_fragments_are_the_mma_b_fragments(d):
   """`q_fragments`: lane 4g + c, word 2j + e holds (q[g, 16j + 8e + 2c], q[g, 16j + 8e + 2c + 1])
   (low half first) at [part, word // 4, lane, word % 4], element by element."""
@@ -140,7 +144,7 @@ def test_float16_rows():
   q[0, np.arange(128) != 5] = np.clip(q[0, np.arange(128) != 5], -2.0**-118, 2.0**-118)
   q[5] = 0.0
   q[6] = np.clip(q[6], -1, 1) * 2.0**-119
-  q16, scale = (np.asarray(x, np.float64) for x in M._float16_rows(jnp.asarray(q, jnp.float32)))
+  q16, scale = (np.asarray(x, np.float64) for x in M.float16_rows(jnp.asarray(q, jnp.float32)))
   assert np.all(np.log2(scale) == np.round(np.log2(scale)))
   amax = np.abs(q16).max(axis=1)
   assert np.all((amax[:5] >= 256) & (amax[:5] < 512)) and np.all(scale[5:] == 1) and np.all(q16[5:] == 0)
@@ -148,7 +152,7 @@ def test_float16_rows():
   err = np.abs(q16 * scale[:, None] - q32).max(axis=1)[:5]
   assert np.all(err <= 2.0**-11 * np.abs(q32[:5]).max(axis=1))
   q[2, 7], q[3, 9] = np.nan, -np.inf
-  q16, scale = (np.asarray(x) for x in M._float16_rows(jnp.asarray(q, jnp.float32)))
+  q16, scale = (np.asarray(x) for x in M.float16_rows(jnp.asarray(q, jnp.float32)))
   assert np.isnan(q16[2, 7]) and q16[3, 9] == -np.inf and scale[2] == scale[3] == 1
 
 
@@ -158,16 +162,16 @@ def test_numpy_prmt_model():
   a, b = np.uint32(0x83828180), np.uint32(0x07060504)
   for sel, want in ((0x4140, 0x04810480), (0x3210, 0x83828180), (0x7654, 0x07060504),
                     (0x0008, 0x808080FF), (0x000C, 0x80808000), (0xFFFF3210, 0x83828180)):
-    assert M.NumpyOps.prmt(a, b, np.uint32(sel)) == np.uint32(want), hex(sel)
+    assert D.NumpyOps.prmt(a, b, np.uint32(sel)) == np.uint32(want), hex(sel)
 
 
 @pytest.mark.math
 def test_table_values_are_the_codebooks():
   """`_table_values` (the CPU kernel model's reading of the par byte tables) gives back each
   codebook in its 16-bit dtype, so the model checks what `par_tables` put in par."""
-  for d in M.HEAD_DIMS:
-    for kb in M.BITS:
-      for vb in M.BITS:
+  for d in D.HEAD_DIMS:
+    for kb in D.BITS:
+      for vb in D.BITS:
         tables, signs = M.par_tables(kb, vb, d)
         for bits, dtype, words in ((kb, np.float16, tables[:4]), (vb, ml_dtypes.bfloat16, tables[4:])):
           want = np.asarray(lloyd_max(bits, d)[0], np.float32).astype(dtype).astype(np.float32)
@@ -185,10 +189,10 @@ def test_tokens_per_row():
   assert M._tokens_per_row(3, 128, 700) == 4 and M._tokens_per_row(2, 128, 4134) == 2
   assert M._min_tokens_per_row(3, 64) == 2 and M._tokens_per_row(3, 64, 4134) == 2
   assert M._min_tokens_per_row(4, 64) == 1 and M._tokens_per_row(1, 64, 1000) == 8
-  for d in M.HEAD_DIMS:
-    for bits in M.BITS:
+  for d in D.HEAD_DIMS:
+    for bits in D.BITS:
       f = M._tokens_per_row(bits, d, 8 * 1024)
-      assert f == 8 and M.block_tokens(d) % f == 0 and f * bits * d // 32 <= 256
+      assert f == 8 and DEFAULT.block_tokens(d) % f == 0 and f * bits * d // 32 <= 256
   with pytest.raises(ValueError, match="not a multiple of 2"):
     M._tokens_per_row(3, 64, 4133)
 
@@ -240,34 +244,52 @@ def test_lowers_for_h100(case):
   pq = jax.eval_shape(lambda c: tq_partials.prepare_query(c, jnp.zeros((2, 3, g, t, d), jnp.float32), 0.1), cache)
   ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
   with use_abstract_mesh(H100):
-    for stages in (None, 1, 3):  # the default (M.STAGES), one, more
-      jax.jit(functools.partial(M.decode_partial, soft_cap=cap, stages=stages)).trace(cache, pq, ranges, ranges).lower(
+    for tuning in (DEFAULT, M.DecodeTuning(stages=1), M.DecodeTuning(stages=3)):  # the default, one, more
+      jax.jit(functools.partial(M.decode_partial, soft_cap=cap, tuning=tuning)).trace(cache, pq, ranges, ranges).lower(
           lowering_platforms=("cuda",))
 
 
-@pytest.fixture
-def fresh_traces():
-  """Traces made with patched module constants neither come from nor stay in jax's caches."""
-  jax.clear_caches()
-  yield
-  jax.clear_caches()
-
-
 @pytest.mark.lowering
-@pytest.mark.parametrize("slack,edge_masks", [(None, False), (0.0, True), (4.0, False)])
-def test_lowers_with_ab_constants(slack, edge_masks, monkeypatch, fresh_traces):
-  """The A/B switches (the exact max, a zero and a positive slack; masks in every block or only
-  at the edges) lower for an abstract H100."""
-  monkeypatch.setattr(M, "MAX_SLACK", slack)
-  monkeypatch.setattr(M, "EDGE_MASKS_ONLY", edge_masks)
-  test_lowers_for_h100(LOWERING_CASES[4])  # prod keys: both dots, all the dequantizer's shifts
+@pytest.mark.parametrize("tuning", [
+    M.DecodeTuning(max_slack=None, edge_masks_only=False), M.DecodeTuning(max_slack=0.0),
+    M.DecodeTuning(max_slack=4.0, edge_masks_only=False), M.DecodeTuning(tiles=1, key_chains=1, merge_unroll=2),
+    M.DecodeTuning(num_splits=3)], ids=repr)
+def test_lowers_with_tuning_alternatives(tuning):
+  """The A/B alternatives (the exact max, a zero and a positive slack; masks in every block or only
+  at the edges; other tiles, chains, unroll and split counts) lower for an abstract H100, on prod
+  keys (both dots, all the dequantizer's shifts) at D = 128."""
+  kb, vb, nd, g, t, s, cap, var, d = LOWERING_CASES[4]
+  cfg = C.CacheConfig(head_dim=d, k_bits=kb, v_bits=vb, norm_dtype=nd, k_variant=var)
+  cache = jax.eval_shape(lambda: C.init_cache(cfg, 2, 3, s))
+  pq = jax.eval_shape(lambda c: tq_partials.prepare_query(c, jnp.zeros((2, 3, g, t, d), jnp.float32), 0.1), cache)
+  ranges = jax.ShapeDtypeStruct((2, t), jnp.int32)
+  with use_abstract_mesh(H100):
+    jax.jit(functools.partial(M.decode_partial, tuning=tuning)).trace(cache, pq, ranges, ranges).lower(
+        lowering_platforms=("cuda",))
 
 
-@pytest.mark.lowering
-def test_negative_slack_is_refused(monkeypatch, fresh_traces):
-  monkeypatch.setattr(M, "MAX_SLACK", -1.0)
-  with pytest.raises(ValueError, match="MAX_SLACK"):
-    test_lowers_for_h100(LOWERING_CASES[0])
+@pytest.mark.math
+@pytest.mark.parametrize("field,value", [
+    ("stages", 0), ("stages", 2.0), ("tiles", 0), ("num_splits", -1), ("merge_unroll", 0), ("key_chains", True),
+    ("edge_masks_only", 1), ("max_slack", -1.0), ("max_slack", float("nan")), ("max_slack", float("inf"))])
+def test_tuning_refuses_bad_values(field, value):
+  """A bad tuning value is refused when the tuning is made, naming the field and the value."""
+  with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+    M.DecodeTuning(**{field: value})
+
+
+@pytest.mark.math
+def test_tuning_is_a_static_value():
+  """Equal tunings are equal and hash alike (one jit cache entry); `tiles` None takes the per-head_dim
+  default; a tuning that is not a DecodeTuning is refused by `decode_partial`."""
+  assert M.DecodeTuning(stages=3) == M.DecodeTuning(stages=3) and hash(M.DecodeTuning()) == hash(DEFAULT)
+  assert [DEFAULT.block_tokens(d) for d in D.HEAD_DIMS] == [64 * M.DEFAULT_TILES[d] for d in D.HEAD_DIMS]
+  assert M.DecodeTuning(tiles=3).block_tokens(256) == 192
+  cache = C.init_cache(C.CacheConfig(head_dim=128, k_bits=3, v_bits=3), 1, 1, 8)
+  pq = tq_partials.prepare_query(cache, jnp.zeros((1, 1, 1, 1, 128), jnp.float32), 1.0)
+  lo, hi = tq_partials.query_ranges(cache, 1, None)
+  with pytest.raises(ValueError, match="must be a DecodeTuning"):
+    M.decode_partial(cache, pq, lo, hi, tuning=("stages", 2))
 
 
 # The key dot runs in float16: centroids and q (at a power-of-two scale per row) rounded to 2^-11
@@ -332,14 +354,14 @@ def _check_case(case, decode_partial, ramp=0.0):
 def _prepared_rows(q, bits, coef=1.0):
   """The reference of `M._prepare_query` for one part: q [N, R, D] float32 (natural order) →
   (float16 rows in kernel order padded to 8, as float32 [N, 8, D], scales [N, 8])."""
-  q = q[..., M.kernel_perm(bits, q.shape[-1])] * jnp.float32(coef)
+  q = q[..., D.kernel_perm(bits, q.shape[-1])] * jnp.float32(coef)
   q = jnp.pad(q, [(0, 0), (0, M.MAX_ROWS - q.shape[1]), (0, 0)])
-  q16, scale = M._float16_rows(q)
+  q16, scale = M.float16_rows(q)
   return q16.astype(jnp.float32), scale
 
 
 def _table_values(words, bits, dtype):
-  """The 2^bits centroids (float32) that a byte table holds: words [4] int32 in `M.table_words`'
+  """The 2^bits centroids (float32) that a byte table holds: words [4] int32 in `D.table_words`'
   layout (low bytes of entries 0-3, 4-7, high bytes of 0-3, 4-7) of 16-bit `dtype` values; for 4
   bits its 8 entries are the non-negative magnitudes of a symmetric codebook."""
   b = np.asarray(words, np.int32).view(np.uint8).reshape(4, 4)  # [word, byte] (little-endian)
@@ -351,13 +373,13 @@ def _table_values(words, bits, dtype):
 
 
 def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, v_bits, qjl_coef, soft_cap,
-                  num_splits, stages):
+                  num_splits, tuning):
   """`M._decode_call` in plain jnp (no splits to merge): the same inputs (layouts, kernel coordinate
   order, float16 key / bfloat16 value operands, `par` rows) and outputs, without the GPU."""
-  del num_splits, stages
+  del num_splits
   seq, d = kc.shape[1], q.shape[2]
   # the wrapper's padding meets the kernel's preconditions:
-  assert seq >= M.block_tokens(d) and kn.shape[1] % 8 == 0 and vn.shape[1] % 8 == 0  # a block, 16-byte rows
+  assert seq >= tuning.block_tokens(d) and kn.shape[1] % 8 == 0 and vn.shape[1] % 8 == 0  # a block, 16-byte rows
   for x, bits in ((kc, k_bits), (vc, v_bits)) + (((ks, 1),) if ks is not None else ()):
     assert x.shape[1] == seq and seq % M._min_tokens_per_row(bits, d) == 0  # whole TMA rows of tokens
   row = lambda name: par[:, M._PAR.index(name)]  # [N, 8]
@@ -372,7 +394,7 @@ def _kernel_model(q, par, kc, kn, vc, vn, ks=None, kr=None, sq=None, *, k_bits, 
 
   def deq(words, bits, dtype, name, first):  # [N, S, b·W] → [N, S, D] kernel order, centroids from par
     table = jnp.asarray(_table_values(np.asarray(row(name)[0, first:first + 4]), bits, dtype))
-    return table[packing.unpack(words, bits, d)][..., M.kernel_perm(bits, d)]
+    return table[packing.unpack(words, bits, d)][..., D.kernel_perm(bits, d)]
 
   dot = lambda x, y: jnp.einsum("nsd,nrd->nsr", x, y.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   s = dot(deq(kc, k_bits, np.float16, "tables", 0), q) * qscale[:, None]
@@ -414,7 +436,7 @@ def test_gpu_compiled_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("d", M.HEAD_DIMS)
+@pytest.mark.parametrize("d", D.HEAD_DIMS)
 def test_gpu_prepare_query_is_float16_rows_and_q_fragments(d):
   """The kernel's query preparation (`_prepare_query`: 6 rows of a 3-bit query and of a 1-bit
   S·q scaled by a coefficient) against its references: the fragments
@@ -474,19 +496,19 @@ def test_wrapper_with_kernel_model_growing_logits(case, ramp, monkeypatch):
 def _lazy_softmax_model(s, v, slack, d, per_split):
   """NumPy model (float64) of the kernel's online softmax with `_running_max`'s rule, in its token
   order: s [S, R] logits of one kv head's rows (−inf outside a row's range; NaN allowed), v [S]
-  (one value coordinate); per split of `per_split` blocks of `block_tokens(d)` tokens, each of the
-  4 warps runs over its `TILES[d]` 16-token tiles of every block (tokens 64t + 16w .. + 15) with
+  (one value coordinate); per split of `per_split` blocks of `DecodeTuning.block_tokens(d)` tokens, each
+  of the 4 warps runs over its `DecodeTuning.tiles_for(d)` 16-token tiles of every block (tokens 64t + 16w .. + 15) with
   a running max that moves, to the exact max, only when a logit of the warp exceeds it by more
   than `slack` (None: every block); the partials are merged by their own maxima.
   → (o [R], blocks where a warp's max moved, blocks where it held, the largest p = exp(s − m))."""
-  seq, bk = s.shape[0], M.block_tokens(d)
+  seq, bk = s.shape[0], DEFAULT.block_tokens(d)
   tile = np.arange(16)
   parts, moves, holds, p_max = [], 0, 0, 0.0
   for first in range(0, seq, per_split * bk):
     for w in range(4):
       m, l, acc = np.full(s.shape[1], -np.inf), np.zeros(s.shape[1]), np.zeros(s.shape[1])
       for b0 in range(first, min(first + per_split * bk, seq), bk):
-        idx = np.concatenate([b0 + 64 * t + 16 * w + tile for t in range(M.TILES[d])])
+        idx = np.concatenate([b0 + 64 * t + 16 * w + tile for t in range(DEFAULT.tiles_for(d))])
         idx = idx[idx < seq]
         if not idx.size:
           continue
@@ -511,7 +533,7 @@ def _lazy_softmax_model(s, v, slack, d, per_split):
 @pytest.mark.parametrize("case,ramp", RAMPS + [(GPU_CASES[0], 0.0)],
                          ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
 def test_lazy_softmax_model(case, ramp):
-  """The lazy running max (`MAX_SLACK`) on the logits of `test_gpu_running_max_moves` (before
+  """The lazy running max (`DecodeTuning.max_slack`) on the logits of `test_gpu_running_max_moves` (before
   quantization, real rows only), in a NumPy model of the kernel's token order and splits: the
   same softmax as the exact max (float64), p never above e^slack, the max held in more blocks
   with a slack than without, and with the ramp both branches taken in many blocks; an exact max
@@ -523,8 +545,8 @@ def test_lazy_softmax_model(case, ramp):
   v = r.standard_normal((b, kh, seq, d))[..., 0]
   q = r.standard_normal((b, kh, g, t, d)).reshape(b, kh, g * t, d) * 2 / math.sqrt(d)
   lo, hi = (np.asarray(x) for x in tq_partials.query_ranges(SimpleNamespace(lengths=jnp.asarray(lengths), capacity=seq), t, win))
-  nblocks = -(-seq // M.block_tokens(d))
-  per_split = -(-nblocks // M.default_num_splits(b * kh, seq, M.block_tokens(d)))
+  nblocks = -(-seq // DEFAULT.block_tokens(d))
+  per_split = -(-nblocks // M.default_num_splits(b * kh, seq, DEFAULT.block_tokens(d)))
   counts = {}
   for bi in range(b):
     slots = np.arange(seq)[:, None]
@@ -539,17 +561,17 @@ def test_lazy_softmax_model(case, ramp):
       with np.errstate(invalid="ignore"):
         e = np.exp(s - s.max(0))
         exact = (e * v[bi, h][:, None]).sum(0) / e.sum(0)
-      for slack in (None, 0.0, M.MAX_SLACK):
+      for slack in (None, 0.0, DEFAULT.max_slack):
         o, moves, holds, p_max = _lazy_softmax_model(s, v[bi, h], slack, d, per_split)
         np.testing.assert_allclose(o, exact, rtol=1e-10, atol=1e-12, equal_nan=True)
         assert p_max <= np.exp(slack or 0.0) * (1 + 1e-12)
         counts[slack] = np.add(counts.get(slack, 0), (moves, holds))
       s[s.shape[0] // 2, 0] = np.nan
-      assert np.isnan(_lazy_softmax_model(s, v[bi, h], M.MAX_SLACK, d, per_split)[0][0])
+      assert np.isnan(_lazy_softmax_model(s, v[bi, h], DEFAULT.max_slack, d, per_split)[0][0])
   assert counts[None][1] == 0 and counts[None][0] > 0
-  assert counts[M.MAX_SLACK][1] >= counts[0.0][1] > 0, counts  # a slack holds the max in more blocks
+  assert counts[DEFAULT.max_slack][1] >= counts[0.0][1] > 0, counts  # a slack holds the max in more blocks
   if ramp:  # 13-181 moves and 75-382 holds per case
-    assert min(*counts[M.MAX_SLACK], *counts[0.0]) >= 10, counts
+    assert min(*counts[DEFAULT.max_slack], *counts[0.0]) >= 10, counts
 
 
 @pytest.mark.gpu
@@ -557,7 +579,7 @@ def test_lazy_softmax_model(case, ramp):
 @pytest.mark.parametrize("case,ramp", RAMPS, ids=lambda x: f"ramp{x}" if isinstance(x, float) else _case_id(x))
 def test_gpu_running_max_moves(case, ramp):
   """Keys growing 4× along the sequence (logits of growing magnitude, of either sign by row): the
-  running max of a warp moves by less and by more than `MAX_SLACK` in many blocks, so `_running_max`
+  running max of a warp moves by less and by more than `DecodeTuning.max_slack` in many blocks, so `_running_max`
   takes both of its branches, with and without a soft cap; within TOL of the reference."""
   _check_case(case, M.decode_partial, ramp)
 
@@ -570,12 +592,12 @@ def test_gpu_pipeline_depths(stages):
   stages than a split has blocks: the same results (an mse and a prod case at D = 128, a D = 256
   case, and a D = 64 prod case whose streams have 64- and 128-row stages)."""
   for case in (GPU_CASES[0], GPU_CASES[6], GPU_CASES[9], GPU_CASES[15]):
-    _check_case(case, functools.partial(M.decode_partial, stages=stages))
+    _check_case(case, functools.partial(M.decode_partial, tuning=M.DecodeTuning(stages=stages)))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not IS_HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("d", M.HEAD_DIMS)
+@pytest.mark.parametrize("d", D.HEAD_DIMS)
 def test_gpu_default_attention_is_the_mosaic_kernel(d):
   """dispatch picks this kernel on Hopper for K3/V3 and its attention matches the XLA path."""
   r = np.random.default_rng(0)
@@ -590,10 +612,10 @@ def test_gpu_default_attention_is_the_mosaic_kernel(d):
 
 
 @pytest.mark.math
-def test_kernel_time_harness(monkeypatch):
+def test_kernel_time_harness():
   """experiments/kernel_time.py: ncu's launches map to (variant, config) in the order its child runs
-  them (rounds, variants, configs, reps), in µs from any unit; a variant sets module attributes
-  from the defaults, and an unknown one is refused."""
+  them (rounds, variants, configs, reps), in µs from any unit; a variant is a `DecodeTuning`, and an
+  unknown field or a bad value is refused."""
   from experiments import kernel_time as KT  # noqa: PLC0415
 
   values = [("us", "1.5"), ("ns", "2,500"), ("us", "3.0"), ("us", "4.0"),
@@ -603,7 +625,7 @@ def test_kernel_time_harness(monkeypatch):
   report = "==PROF== Connected\n" + "".join(
       f"{head}    gpu__time_duration.sum   {u}   {v}\n    smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
       f"   {i / 10}\n    smsp__inst_executed.sum   inst   1,024\n\n" for i, (u, v) in enumerate(values))
-  got = KT.parse(report, [{}, {"STAGES": 3}], ["K3/V3"], 2)
+  got = KT.parse(report, [{}, {"stages": 3}], ["K3/V3"], 2)
   duration = lambda i: [x[KT.DURATION] for x in got[i, "K3/V3"]]
   np.testing.assert_allclose(duration(0), [1.5, 2.5, 5.0, 6.0])
   np.testing.assert_allclose(duration(1), [3.0, 4.0, 7.0, 8.0])
@@ -612,51 +634,46 @@ def test_kernel_time_harness(monkeypatch):
   assert {x["smsp__inst_executed.sum"] for x in got[0, "K3/V3"]} == {1024.0}
   with pytest.raises(RuntimeError, match="expected 12"):
     KT.parse(report, [{}, {}, {}], ["K3/V3"], 2)
-  monkeypatch.setattr(jax, "clear_caches", lambda: None)  # `apply` drops compiled kernels; not here
-  try:
-    KT.apply({"STAGES": 3, "num_splits": 5})
-    assert M.STAGES == 3 and M.default_num_splits(64, 32768, 128) == 5
-    KT.apply({})
-    assert M.STAGES == KT.DEFAULTS["STAGES"] and M.default_num_splits is KT.DEFAULTS["default_num_splits"]
-    with pytest.raises(ValueError, match="FOO"):
-      KT.apply({"FOO": 1})
-  finally:
-    KT.apply({})
+  fn = KT.partial_fn({"stages": 3, "num_splits": 5})
+  assert fn.func is M.decode_partial and fn.keywords == {"tuning": M.DecodeTuning(stages=3, num_splits=5)}
+  assert KT.partial_fn({}).keywords == {"tuning": DEFAULT}
+  with pytest.raises(ValueError, match="FOO"):
+    KT.partial_fn({"FOO": 1})
+  with pytest.raises(ValueError, match="stages=0"):
+    KT.partial_fn({"stages": 0})
 
 
 @pytest.mark.math
 def test_kernel_time_source_and_wall(monkeypatch, tmp_path):
-  """experiments/kernel_time.py: a "source" variant is the module `dispatch` imports, with its own
-  constants set and reset, until a variant without one restores decode_mgpu; `wall` times every
-  (variant, config), interleaved (here the XLA path on CPU stands in for the kernel)."""
+  """experiments/kernel_time.py: a "source" variant runs another version of decode_mgpu.py, loaded as
+  a module of its own (decode_mgpu itself untouched), with its own tuning, or none for a version
+  without `DecodeTuning`; `wall` times every (variant, config), interleaved (here the XLA path on
+  CPU stands in for the kernel)."""
+  import sys  # noqa: PLC0415
+
   from experiments import kernel_time as KT  # noqa: PLC0415
 
   source = tmp_path / "other.py"
   source.write_text(Path(M.__file__).read_text())
-  monkeypatch.setattr(jax, "clear_caches", lambda: None)
-  imported = lambda: importlib.import_module("pallas_kernels.decode_mgpu")
-  try:
-    KT.apply({"source": str(source), "STAGES": 5})
-    other = imported()
-    assert other is not M and other.__file__ == str(source) and other.STAGES == 5 and M.STAGES == KT.DEFAULTS["STAGES"]
-    KT.apply({"source": str(source)})
-    assert imported() is other and other.STAGES == KT.DEFAULTS["STAGES"]
-    with pytest.raises(ValueError, match="FOO"):
-      KT.apply({"source": str(source), "FOO": 1})
-    KT.apply({"STAGES": 3})
-    assert imported() is M and M.STAGES == 3
-  finally:
-    KT.apply({})
-  assert imported() is M and M.STAGES == KT.DEFAULTS["STAGES"]
+  fn = KT.partial_fn({"source": str(source), "stages": 5})
+  other = KT.load_source(str(source))
+  assert other is not M and other.__file__ == str(source) and sys.modules["pallas_kernels.decode_mgpu"] is M
+  assert fn.func is other.decode_partial and fn.keywords == {"tuning": other.DecodeTuning(stages=5)}
+  assert importlib.import_module("pallas_kernels.decode_mgpu") is M
+  plain = tmp_path / "plain.py"
+  plain.write_text("def decode_partial(cache, pq, lo, hi, soft_cap=None):\n  return None\n")
+  assert KT.partial_fn({"source": str(plain)}) is KT.load_source(str(plain)).decode_partial
+  with pytest.raises(ValueError, match="no DecodeTuning"):
+    KT.partial_fn({"source": str(plain), "stages": 3})
 
   seen = []
+  xla = jax.jit(lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))
   monkeypatch.setattr(KT, "WALL_CALLS", 2)
   monkeypatch.setattr(KT, "WALL_DISPATCHES", 1)
-  monkeypatch.setattr(dispatch, "_mosaic_decode", lambda cache, rows: seen.append(imported().STAGES) or True)
-  monkeypatch.setattr(KT, "pallas_attention", lambda cache, q: tq_ops.attention(cache, q, implementation="xla"))
+  monkeypatch.setattr(KT, "attention_fn", lambda variant: seen.append(variant) or xla)
   args = SimpleNamespace(configs=["K3/V3", "K4/V4"], head_dim=64, seq=64, reps=2)
-  got = KT.wall(args, [{}, {"STAGES": 3}])
-  assert seen == [KT.DEFAULTS["STAGES"], 3] * 2 and M.STAGES == KT.DEFAULTS["STAGES"]
+  got = KT.wall(args, [{}, {"stages": 3}])
+  assert seen == [{}, {"stages": 3}] * 2
   assert sorted(got) == [(i, c) for i in (0, 1) for c in args.configs]
   assert all(len(x) == KT.ROUNDS * 2 and all(0 < t[KT.DURATION] < 1e7 for t in x) for x in got.values())
 

@@ -30,6 +30,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 from pallas_kernels import dispatch
 from kernel_paths import pallas_prefill
 from pallas_kernels import encode_gpu as E
+from pallas_kernels.column_order import to_column_major
 from tqjax import cache as C
 from tqjax import ops as tq_ops
 from tqjax import packing
@@ -208,7 +209,7 @@ def test_tables_and_kernel_order(d):
   # for m = 0, 1 (code 1 − m for y ≤ 0 has centroid −c_{2+m}).
   for bits in range(1, E.MAX_BITS + 1):
     c, b, _ = lloyd_max(bits, d)
-    bounds, levels, squares = E._tables(bits, d)
+    bounds, levels, squares = E.codebook_tables(bits, d)
     h = 2 ** (bits - 1)
     assert bounds == tuple(np.float32(b[h:]).tolist())
     assert levels == tuple(np.float32(c[h:]).tolist())
@@ -220,7 +221,7 @@ def test_tables_and_kernel_order(d):
   (p,) = E.rotation_operands(tq, "tf32")
   y = x @ np.asarray(p, np.float64)
   want = x @ np.asarray(dense_matrix(tq.rotation), np.float64).T
-  to_kernel = lambda a: np.asarray(E._to_kernel_order(jnp.asarray(a)))
+  to_kernel = lambda a: np.asarray(to_column_major(jnp.asarray(a)))
   np.testing.assert_allclose(y, to_kernel(want), rtol=1e-5, atol=1e-5)
   w = d // 32
   for j in (0, 1, 33 % d, d - 1):
@@ -252,7 +253,7 @@ def test_quantize_and_pack_tile_exact(bits):
   vals = np.resize(vals, 16 * 32).astype(np.float32)
   np.random.default_rng(bits).shuffle(vals)
   y = jnp.asarray(vals.reshape(16, 32))
-  bounds, levels, squares = E._tables(bits, d)
+  bounds, levels, squares = E.codebook_tables(bits, d)
   code, sq, chat = E._quantize_tile(y, bits, bounds, levels, squares, jnp.full(y.shape, squares[0]), True)
   want = np.asarray(quantize(cb, y)).astype(np.uint32)
   np.testing.assert_array_equal(np.asarray(code), want)

@@ -21,6 +21,7 @@ from jax.sharding import use_abstract_mesh
 from pallas_kernels import dispatch, encode_gpu
 from kernel_paths import pallas_prefill
 from pallas_kernels import encode_mgpu as M
+from pallas_kernels import numerics
 from test_encode_kernel import (H100, _centred, _check, _inputs, _tols, default_prefill_matches_xla,
                                 gpu_encode_matches_xla, prefill_inputs)
 from tqjax import cache as C
@@ -57,7 +58,7 @@ def test_quantize_fields_and_pack_matrices_exact(d, bits):
   rng = np.random.default_rng(bits + d)
   y = rng.permutation(np.resize(vals, 8 * d)).reshape(8, d).astype(np.float32)
   y[3, 7] = np.nan
-  bounds, _, squares = encode_gpu._tables(bits, d)
+  bounds, _, squares = encode_gpu.codebook_tables(bits, d)
   fields, sq = M.quantize_fields(jnp.asarray(y), bits, bounds, squares, jnp.zeros(y.shape, jnp.float32))
   assert M.quantize_fields(jnp.asarray(y), bits, bounds, squares, None)[1] is None
   want = np.asarray(quantize(cb, jnp.asarray(np.nan_to_num(y, nan=0.0)))).astype(np.int64)
@@ -79,17 +80,19 @@ def test_quantize_fields_and_pack_matrices_exact(d, bits):
 
 
 @pytest.mark.math
-def test_float16_row_scales():
-  """Powers of two with up·down = 1 putting max |x·up| in [256, 512) for every row max from 2^-100
-  up (below: as 2^-100; 0 included), so bfloat16 rows are exact in float16 down to 2^-14."""
-  amax = np.concatenate([[0.0, 1e-45, 2.0**-126, 2.0**-100 / 3],
+@pytest.mark.parametrize("smallest", [2.0**-100, 2.0**-118], ids=["encode", "decode-query"])
+def test_float16_row_scales(smallest):
+  """`numerics.float16_row_scales` (the encode kernel's; the decode query's reference uses 2^-118):
+  powers of two with up·down = 1 putting max |x·up| in [256, 512) for every row max from `smallest`
+  up (below: as `smallest`; 0 included), so bfloat16 rows are exact in float16 down to 2^-14."""
+  amax = np.concatenate([[0.0, 1e-45, 2.0**-126, 2.0**-100 / 3, 2.0**-118 * 1.01],
                          np.ldexp(np.linspace(1, 1.999, 7)[:, None], np.arange(-100, 128, 9)[None]).ravel(),
                          [np.float32(3.3e38)]]).astype(np.float32)
-  up, down = map(np.asarray, jax.jit(M._float16_row_scales)(jnp.asarray(amax)))
+  up, down = map(np.asarray, jax.jit(lambda a: numerics.float16_row_scales(a, smallest))(jnp.asarray(amax)))
   mant, _ = np.frexp(np.concatenate([up, down]))
   assert np.all(mant == 0.5), "not powers of two"
   np.testing.assert_array_equal(up.astype(np.float64) * down, 1.0)
-  top = np.maximum(amax, np.float32(2.0**-100)).astype(np.float64) * up
+  top = np.maximum(amax, np.float32(smallest)).astype(np.float64) * up
   assert np.all((top >= 256) & (top < 512)), top
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((amax.size, 64)) * amax[:, None] / 4).astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -109,11 +112,11 @@ def _kernel_model(tq, x, mean):
   finite = (amax < jnp.inf) & (norm2 == norm2)
   norm = jnp.sqrt(norm2)
   keep = finite & (norm > 0) if mean is not None else finite
-  up, down = M._float16_row_scales(amax)
+  up, down = numerics.float16_row_scales(amax)
   acc = jnp.dot((xc * up[:, None]).astype(jnp.float16), dense_matrix(tq.rotation).T.astype(jnp.float16),
                 preferred_element_type=jnp.float32)
   y = acc * jnp.where(keep, down / jnp.where(norm > 0, norm, 1.0), jnp.nan)[:, None]
-  bounds, _, squares = encode_gpu._tables(bits, d)
+  bounds, _, squares = encode_gpu.codebook_tables(bits, d)
   fields, sq = M.quantize_fields(y, bits, bounds, squares, jnp.full_like(y, squares[0]))
   words = _pack_on_matrices(fields, bits, d)[1].astype(np.uint32)
   scale = jnp.where(finite, norm, jnp.nan) / jnp.sqrt(jnp.sum(sq, axis=1))

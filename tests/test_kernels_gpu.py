@@ -20,6 +20,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_me
 from pallas_kernels import decode_attention_gpu as K
 from kernel_paths import pallas_attention
 from pallas_kernels import dispatch
+from pallas_kernels.column_order import from_column_major, to_column_major
 from test_decode_mgpu import TOL as MOSAIC_TOL
 from tqjax import cache as C
 from tqjax import ops as tq_ops
@@ -116,15 +117,15 @@ def test_block_dequantization_matches_unpack(d, bits):
   words = packing.pack(codes, bits)
   cb = lloyd_max(bits, d)[0]
   rows = [words[:, r * w:(r + 1) * w] for r in range(bits)]
-  got = K._to_kernel_order(K._dequant_leaves(rows, bits, K._odd_poly(cb), "full"), 16, w)
-  want = K._to_kernel_perm(jnp.asarray(cb, jnp.float32)[codes.astype(jnp.int32)])
+  got = K._to_kernel_order(K._dequant_leaves(rows, bits, K._odd_poly(cb)), 16, w)
+  want = to_column_major(jnp.asarray(cb, jnp.float32)[codes.astype(jnp.int32)])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   if bits == 1:  # QJL sign rows: bit 1 → +1, bit 0 → −1
     signs = K._to_kernel_order(K._sign_leaves(words), 16, w)
-    np.testing.assert_array_equal(signs, K._to_kernel_perm(codes.astype(jnp.float32) * 2 - 1))
+    np.testing.assert_array_equal(signs, to_column_major(codes.astype(jnp.float32) * 2 - 1))
   # The permutation round-trips.
   x = jnp.arange(2 * d, dtype=jnp.float32).reshape(2, d)
-  np.testing.assert_array_equal(K._from_kernel_perm(K._to_kernel_perm(x)), x)
+  np.testing.assert_array_equal(from_column_major(to_column_major(x)), x)
 
 
 # ----------------------------------------------------------------------------- interpret mode

