@@ -19,8 +19,8 @@ Cost on a shared 2-core CPU (SmolLM2): ~1-2 min per configuration per 2K tokens 
 ~5 s per 1K-token passkey trial. `--help` starts nothing.
 
 Example:
-  PYTHONPATH=. python experiments/llm_quality.py ppl --tokens 2048 --configs bf16,k4v4,k3v3,kivi4
-  PYTHONPATH=. python experiments/llm_quality.py passkey --lengths 1024,2048 --trials 10
+  python -m experiments.llm_quality ppl --tokens 2048 --configs bf16,k4v4,k3v3,kivi4
+  python -m experiments.llm_quality passkey --lengths 1024,2048 --trials 10
 """
 
 from __future__ import annotations
