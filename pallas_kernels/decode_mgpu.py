@@ -45,8 +45,8 @@ are multiples of 16 bytes, so at D = 64 codes of 2 or 6 words per token need at 
 * Pallas' automatic barriers around shared-memory stores and TMA issues are off
   (`unsafe_no_auto_barriers`): the one barrier per block (`commit_smem`) orders the slot refill.
 
-Measurements behind the defaults: `DecodeTuning`'s field comments; the decode benchmark: README
-("GPU decode benchmark").
+Measurements behind the defaults: `DecodeTuning`'s field comments and docs/kernels.md; the decode
+benchmark: README ("Decode speed").
 
 Letters: B batch, K kv heads, G query heads per kv head, T query tokens, R = G·T rows, S cache
 slots, D = 64, 128 or 256, W = D/32 packed columns, BK = `DecodeTuning.block_tokens(D)` tokens per
