@@ -4,14 +4,17 @@ Pure functions over small pytrees. Build a `Quantizer` once (rotation, Lloyd–M
 sketch) and `encode` / `decode` / `estimate_ip` vectors with any leading batch dims; keep a
 compressed KV cache (`CacheConfig`, `init_cache`, `prefill`, `append`) and attend over it
 (`attention`, `chunked_attention`, `scores`) with `implementation=None | "xla" | "pallas"`.
-The Flax layer is `tqjax.nn` (needs flax; not imported here).
+Submodules not imported here: `tqjax.nn` (the Flax layer; needs flax), `tqjax.dense_cache` (the
+full-precision cache with the same operations), `tqjax.sharding` (the cache over a device mesh),
+`tqjax.search` (a compressed vector index) and `tqjax.models` (MiniLM, GGUF decoders).
 
 Shape letters, used in every docstring and einsum of the project:
   B batch · T query (new) tokens · S cache slots / key tokens · N query heads · K kv heads ·
   G query heads per kv head (N = K·G) · H head dim · D model width (nn, models) · W window.
 
-Layers (each imports only from those before it): codebook, rotation, qjl, packing < quantizer
-< cache < partials < pallas_kernels < ops < compat, nn < models.
+Layers (each imports only from those before it; `tests/test_layers.py` holds the map):
+codebook, rotation, qjl, packing < quantizer < cache < partials < pallas_kernels < ops
+< compat, dense_cache, sharding, search, baselines, fidelity < nn < models.
 """
 
 from tqjax.codebook import Codebook, distortion, dequantize, lloyd_max, make_codebook, quantize
