@@ -31,12 +31,10 @@ comparison took 36 minutes on 2 shared cores at the defaults, most of it IndexPQ
 from __future__ import annotations
 
 import ast
-import datetime
 import hashlib
 import importlib.metadata
 import json
 import re
-import subprocess
 import sys
 import sysconfig
 import time

@@ -52,14 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from experiments.bench_decode import CONFIGS, random_cache, rel_err  # noqa: E402
-from pallas_kernels import decode_mgpu as M  # noqa: E402
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
+from experiments import harness
+from experiments.bench_decode import CONFIGS, random_cache, rel_err
+from pallas_kernels import decode_mgpu as M
+from tqjax import cache as C
+from tqjax import ops as tq_ops
 
 __all__ = ["attention_fn", "check", "load_source", "main", "parse", "partial_fn", "wall"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 2
 UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 KERNEL = "tq_decode_mgpu"  # the Mosaic GPU kernel's name prefix (the Triton kernels are tq_decode_k…)
@@ -204,7 +204,7 @@ def parse(text: str, variants: list[dict], configs: list[str], reps: int) -> dic
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--variants", default="[{}]", help="a Python literal list of dicts (see above)")
   ap.add_argument("--configs", default="K3/V3,K4/V4,K3prod/V3")
   ap.add_argument("--head-dim", type=int, default=128)
@@ -215,7 +215,6 @@ def main(argv=None) -> None:
   ap.add_argument("--wall", action="store_true", help="µs per call by the host's clock, no ncu (see `wall`)")
   ap.add_argument("--ncu-timeout", type=float, default=240.0, help="seconds before giving up on ncu")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  ap.add_argument("--out", default=str(RESULTS))
   args = ap.parse_args(argv)
   args.configs = args.configs.split(",")
   variants = ast.literal_eval(args.variants)
@@ -237,7 +236,7 @@ def main(argv=None) -> None:
     got = wall(args, variants)
   else:
     cmd = ["ncu", "--clock-control", "none", "--metrics", ",".join([DURATION, *extra]), "-k", f"regex:{KERNEL}",
-           sys.executable, __file__, "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
+           sys.executable, "-m", "experiments.kernel_time", "--child", "--variants", args.variants, "--configs", ",".join(args.configs),
            "--head-dim", str(args.head_dim), "--seq", str(args.seq), "--reps", str(args.reps)]
     try:
       run = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.ncu_timeout)
@@ -252,6 +251,7 @@ def main(argv=None) -> None:
          "host's clock (the kernel and the XLA work around it)" if args.wall else
          f"{ROUNDS} × {args.reps} launches per row; µs of the decode kernel alone")
   md = [f"# Decode kernel time ({'wall clock' if args.wall else 'Nsight Compute'}) — {dev}, {date}", "",
+        harness.stamp_line(harness.stamp()), "",
         f"jax {jax.__version__}; B = 8, Hq = 32, Hkv = 8, D = {args.head_dim}, S = {args.seq}; {how}.", "",
         "| variant | config | min µs | median µs |" + "".join(f" {m} |" for m in extra),
         "| --- | --- | ---: | ---: |" + " ---: |" * len(extra)]
@@ -261,9 +261,7 @@ def main(argv=None) -> None:
     md.append(f"| {variants[i] or 'defaults'} | {c} | {min(ts):.1f} | {statistics.median(ts):.1f} |" + cols)
   text = "\n".join(md) + "\n"
   print(text)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / f"kernel_time_{dev.replace(' ', '_')}_{date}{'_wall' if args.wall else ''}.md"
+  path = harness.out_dir(args) / f"kernel_time_{dev.replace(' ', '_')}_{date}{'_wall' if args.wall else ''}.md"
   path.write_text(text)
   print(f"wrote {path}")
 

@@ -10,7 +10,6 @@ defaults are chosen from these tables.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 from pathlib import Path
@@ -19,15 +18,15 @@ import jax
 import jax.numpy as jnp
 
 
-from experiments.bench_decode import (  # noqa: E402
+from experiments import harness
+from experiments.bench_decode import (
     CONFIGS, bench, cache_read_bytes, check_case, config_case, copy_bandwidth, cudnn_attention, pallas_attention,
     random_cache)
-from tqjax import cache as C  # noqa: E402
-from tqjax import partials as tq_partials  # noqa: E402
+from tqjax import cache as C
+from tqjax import partials as tq_partials
 
 __all__ = ["VARIANTS", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 VARIANTS = {  # forms measured on 2026-11-27 and not in the kernel are in the results files
     "tf32 st2": dict(num_stages=2),
@@ -47,7 +46,7 @@ def check(cname: str, options: dict) -> float:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__)
   ap.add_argument("--only", default="", help="comma list of variant names")
   ap.add_argument("--configs", default="K3/V3")
   ap.add_argument("--reps", type=int, default=20)
@@ -123,8 +122,7 @@ def main(argv=None) -> None:
     md.append(f"| {name} | {cname} | {us:.1f} | {nbytes / 1e6:.1f} | {tbs:.3f} | {100 * tbs / copy_tbs:.1f} | "
               f"{cudnn_us / us:.2f} | {'' if err is None else f'{err:.1e}'} |")
   print("\n".join(md))
-  RESULTS.mkdir(exist_ok=True)
-  out = RESULTS / f"kernel_variants_{dev.device_kind.replace(' ', '_')}_{date}.md"
+  out = harness.out_dir(args) / f"kernel_variants_{dev.device_kind.replace(' ', '_')}_{date}.md"
   with out.open("a") as f:
     f.write("\n".join(md) + "\n\n")
   print(f"wrote {out}")

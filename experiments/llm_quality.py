@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -34,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from experiments import harness
+
 TQ_CONFIGS = {
     "k4v4": dict(),
     "k3v3": dict(k_bits=3, v_bits=3),
@@ -328,7 +328,7 @@ def _table(res: dict) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = harness.parser(__doc__)
   p.add_argument("what", choices=("ppl", "passkey", "generate", "gpu"))
   p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
   p.add_argument("--configs", default="bf16,k4v4,k3v3,k2v2,kivi4,kivi2")
@@ -342,7 +342,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=5, help="passkey: trials per batch")
   p.add_argument("--steps", type=int, default=32, help="generate: new tokens; gpu: timed decode steps")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="results file stem (default llm_quality_<what>_<model>)")
+  p.add_argument("--name", default=None, help="results file stem (default llm_quality_<what>_<model>)")
   args = p.parse_args(argv)
   commit = _git_commit()  # the code that runs, taken before the (long) run
   res = {"ppl": run_ppl, "passkey": run_passkey, "generate": run_generate, "gpu": run_gpu}[args.what](args)
@@ -351,7 +351,7 @@ def main(argv=None):
   res.update(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
              device=_cpu() if jax.default_backend() == "cpu" else str(jax.devices()[0]), backend=jax.default_backend(),
              argv=sys.argv[1:])
-  stem = RESULTS / (args.out or f"llm_quality_{args.what}_{args.model}")
+  stem = harness.out_dir(args) / (args.name or f"llm_quality_{args.what}_{args.model}")
   stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
   md = f"# llm_quality {args.what} — {args.model}\n\n{res['date']}, {res['device']} ({res['backend']}), commit {res['commit']}, " \
        f"`{' '.join(res['argv'])}`, {res['seconds'] if 'seconds' in res else 0:.0f} s\n\n{_table(res)}\n"

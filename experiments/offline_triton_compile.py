@@ -30,11 +30,11 @@ from jax._src.pallas.triton import lowering as triton_lowering
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 
-from experiments.sass_mix import compile_ptx, instructions  # noqa: E402
-from pallas_kernels import decode_attention_gpu, encode_gpu  # noqa: E402
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
-from tqjax import quantizer  # noqa: E402
+from experiments.sass_mix import compile_ptx, instructions
+from pallas_kernels import decode_attention_gpu, encode_gpu
+from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import quantizer
 
 H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
                     abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda"))

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from pallas_kernels import dispatch  # noqa: E402
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops  # noqa: E402
-from tqjax import sharding as sh  # noqa: E402
+from pallas_kernels import dispatch
+from tqjax import cache as C
+from tqjax import ops
+from tqjax import sharding as sh
 
 DEVICES = 8
 B, K, G, S, H = 8, 4, 2, 128, 32

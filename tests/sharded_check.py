@@ -20,13 +20,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-import tqjax  # noqa: E402
-from flax import nnx  # noqa: E402
-from pallas_kernels import dispatch  # noqa: E402
+import tqjax
+from flax import nnx
+from pallas_kernels import dispatch
 from kernel_paths import pallas_attention
-from tqjax import cache as C  # noqa: E402
-from tqjax import ops as tq_ops  # noqa: E402
-from tqjax import nn as tnn  # noqa: E402
+from tqjax import cache as C
+from tqjax import ops as tq_ops
+from tqjax import nn as tnn
 
 DEVICES = 4
 CONFIGS = [  # centred keys (a per-sequence key mean); prod keys with outlier channels and a window
