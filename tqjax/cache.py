@@ -53,6 +53,7 @@ __all__ = [
     "bits_per_coordinate_kv",
     "scatter_tokens",
     "write_prefix",
+    "token_writer",
     "split_channels",
     "check_kv",
     "valid_count",
@@ -269,6 +270,17 @@ def write_prefix(dst: jax.Array, src: jax.Array, ok: jax.Array) -> jax.Array:
   return new if t == dst.shape[2] else dst.at[:, :, :t].set(new)
 
 
+def token_writer(start: jax.Array, count: jax.Array, t: int, capacity: int, prefix: bool):
+  """Where T new tokens go: (pos [B, T] = start[b] + t, ok [B, T] = t < count[b] and pos < S,
+  put(dst [B, K, S, ...], src [B, K, T, ...]) writing them there in dst's dtype). prefix: start
+  is 0 for every sequence (a prefill), so put is one in-place slice update (`write_prefix`)."""
+  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  ok = (jnp.arange(t)[None, :] < count[:, None]) & (pos < capacity)
+  if prefix:
+    return pos, ok, lambda dst, src: write_prefix(dst, src, ok)
+  return pos, ok, lambda dst, src: scatter_tokens(dst, src.astype(dst.dtype), pos, ok)
+
+
 def split_channels(x: jax.Array, perm: jax.Array | None, n_out: int) -> tuple[jax.Array, jax.Array | None]:
   """x [B, K, ..., H] → (main channels [..., H − n_out], outlier channels [..., n_out] or None).
 
@@ -311,13 +323,7 @@ def _write(
 ) -> KVCache:
   """Writes tokens t < count[b] of k, v [B, K, T, H] at slots start[b] + t; past capacity is dropped.
   prefix: start is 0 for every sequence (prefill), so the tokens go to slots 0 .. T − 1 in place."""
-  t = k.shape[2]
-  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  ok = (jnp.arange(t)[None, :] < count[:, None]) & (pos < cache.capacity)
-  if prefix:
-    put = lambda dst, src: write_prefix(dst, src, ok)
-  else:
-    put = lambda dst, src: scatter_tokens(dst, src, pos, ok)
+  pos, ok, put = token_writer(start, count, k.shape[2], cache.capacity, prefix)
   n_out = cache.config.outlier_channels
   new = dataclasses.replace(
       cache,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tqjax.cache import scatter_tokens, write_prefix
+from tqjax.cache import token_writer
 from tqjax.partials import apply_soft_cap, query_ranges
 
 # The compressed cache's input checks (private there), so that bad input gets the same errors.
@@ -120,13 +120,7 @@ def _check_dense_implementation(implementation) -> None:
 
 def _write(cache: DenseKVCache, k, v, start, count, prefix: bool) -> DenseKVCache:
   """Tokens t < count[b] of k, v [B, K, T, H] to slots start[b] + t; past the capacity dropped."""
-  t = k.shape[2]
-  pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  ok = (jnp.arange(t)[None, :] < count[:, None]) & (pos < cache.capacity)
-  if prefix:
-    put = lambda dst, src: write_prefix(dst, src, ok)
-  else:
-    put = lambda dst, src: scatter_tokens(dst, src.astype(dst.dtype), pos, ok)
+  _, _, put = token_writer(start, count, k.shape[2], cache.capacity, prefix)
   lengths = jnp.minimum(start + count, cache.capacity).astype(jnp.int32)
   return DenseKVCache(cache.config, put(cache.k, k), put(cache.v, v), lengths)
 

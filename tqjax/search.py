@@ -341,7 +341,6 @@ def compact(index: Index) -> Index:
   """Drops removed and empty slots (eager): live vectors move to slots 0 .. live−1, in order."""
   _check_index(index)
   keep = np.flatnonzero((np.asarray(index.ids) >= 0) & (np.arange(index.capacity) < int(index.size)))
-  capacity = max(1, len(keep))
   new = {}
   for name in ("codes", "scales", "norms", "ids", "store", "store_scales"):
     a = getattr(index, name)
