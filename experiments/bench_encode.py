@@ -6,8 +6,8 @@ Run: python -m experiments.bench_encode [--quick] [--sweep] [--pipelined N]   (G
 --quick: a CPU smoke run of about a minute)
 --sweep adds kernel-option rows (block_t, num_warps, num_stages, precision) for tuning,
 on centred keys (the heavier path: x − mean is split into two bf16 dot operands).
---pipelined N dispatches N jitted calls back to back per sample (device time, without the host's
-per-call dispatch, ~120 µs for a call with a Mosaic GPU kernel: `bench_decode.bench`).
+--pipelined N: each sample is N jitted calls issued back to back, so it measures the device and
+hides the host's per-call overhead (~120 µs with a Mosaic GPU kernel; see `bench_decode.bench`).
 On CPU (--quick) the kernel runs in Pallas interpret mode: its rows check plumbing, not speed.
 Writes bench_encode_<device>_<date>[_quick][_pipelinedN].{md,json} into --out (see experiments/harness.py).
 """
